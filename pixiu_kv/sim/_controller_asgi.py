@@ -62,7 +62,9 @@ class FaultBox:
     faults: Faults = attrs.field(factory=Faults)
     rng: random.Random = attrs.field(factory=lambda: random.Random(0))
     injected: int = 0
+    held: int = 0
     _release: trio.Event = attrs.field(factory=trio.Event)
+    _held_changed: trio.Event = attrs.field(factory=trio.Event)
 
     def set(self, faults: Faults) -> None:
         self.faults = faults
@@ -76,6 +78,16 @@ class FaultBox:
     @property
     def release_event(self) -> trio.Event:
         return self._release
+
+    def change_held(self, delta: int) -> None:
+        self.held += delta
+        self._held_changed.set()
+        self._held_changed = trio.Event()
+
+    async def wait_held(self, count: int) -> None:
+        """Return once at least ``count`` requests are held by a hang."""
+        while self.held < count:
+            await self._held_changed.wait()
 
 
 @attrs.define(slots=True)
@@ -145,11 +157,15 @@ class ControllerAsgi:
             client_left = True
             scope.cancel()
 
-        with trio.move_on_after(faults.hang_limit) as limit:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch_disconnect, limit)
-                await release.wait()
-                nursery.cancel_scope.cancel()
+        self.faults.change_held(+1)
+        try:
+            with trio.move_on_after(faults.hang_limit) as limit:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(watch_disconnect, limit)
+                    await release.wait()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.faults.change_held(-1)
         return not client_left
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -149,6 +149,15 @@ class ControllerEmulator:
         """Let every request held by a ``hang`` fault proceed."""
         self._faults.release()
 
+    @property
+    def held_requests(self) -> int:
+        """Requests currently held by a ``hang`` fault."""
+        return self._faults.held
+
+    async def wait_held_requests(self, count: int) -> None:
+        """Wait until at least ``count`` requests are held by a ``hang`` fault."""
+        await self._faults.wait_held(count)
+
     # -- observation ---------------------------------------------------------------------
 
     @property

@@ -296,11 +296,11 @@ async def test_fault_hang_until_released(emulator: ControllerEmulator, client: h
     async with trio.open_nursery() as nursery:
         nursery.start_soon(call)
         with trio.fail_after(10):
-            while emulator.injected_faults < 1:  # the request is now held by the emulator
-                await trio.sleep(0.01)
+            await emulator.wait_held_requests(1)
         assert results == []
         emulator.faults = Faults()  # lifting the hang releases held requests
     assert results == [200]
+    assert emulator.held_requests == 0
 
 
 async def test_fault_hang_times_out_on_the_client(
