@@ -1,0 +1,247 @@
+"""The KV-cache core: routing hints on the request path, cache management in the background.
+
+Per request (all in microseconds except the bounded lookup):
+
+1. extract model and prompt (no prompt: nothing to do);
+2. record the prompt's hotness;
+3. routing lookup under ``lookup_routing_timeout`` (token cache hit only), giving a hint;
+4. start background cache management through the caller's ``spawn`` and return.
+
+Background management gets the prompt's tokens (token cache, else ``/tokenize``) and,
+unless routing already has it, the lookup result; identical prompts in flight share one
+tokenize and one lookup. Then the pure strategy decides and the actions run. Every call
+is bounded by ``request_timeout``; cancelling the spawning scope cancels them at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import trio
+
+from ...config import KvCacheConfig
+from ...context import RouteHint
+from ...hostload import HostLoadSampler
+from ...upstream.lmcache import LmCacheClient, LookupResult
+from ...upstream.resilience import BreakerState, CircuitBreaker, RetryPolicy, UpstreamError
+from ...upstream.tokenizer import TokenizerClient
+from .actions import ActionRunner, RecentActions
+from .background import BackgroundJobs, Spawn
+from .hotness import HotnessTracker
+from .prompt import Prompt, extract_prompt
+from .routing import Router, Routing
+from .singleflight import SingleFlight
+from .stats import KvCacheStats
+from .strategy import decide
+from .tokens import TokenCache, TokenSeq
+
+__all__ = ["DEFAULT_HTTP_POOL_SIZE", "KvCache", "open_kvcache"]
+
+log = logging.getLogger("pixiu_kv.kvcache")
+
+DEFAULT_HTTP_POOL_SIZE = 64
+"""Connections per upstream client (routing, background LMCache, tokenizer each have one)."""
+
+_CLOSE_TIMEOUT = 1.0
+_Shared = tuple[TokenSeq, LookupResult | None]
+
+
+class KvCache:
+    """The core. Build it with :func:`open_kvcache` (or the gateway's ``open_kvcache_filter``)."""
+
+    def __init__(self, config: KvCacheConfig, *, tokenizer: TokenizerClient, routing_client: LmCacheClient,
+                 background_client: LmCacheClient, routing_breaker: CircuitBreaker,
+                 background_breaker: CircuitBreaker, sampler: HostLoadSampler | None) -> None:
+        self.config = config
+        self._stats = KvCacheStats()
+        tc = config.token_cache
+        self._token_cache = TokenCache(tc.max_size, tc.ttl) if tc.enabled else None
+        self._hotness = HotnessTracker(config.hot_window, config.hot_max_records, config.hot_max_keys)
+        self._tokenizer = tokenizer
+        self._background_client = background_client
+        self._breakers = (tokenizer.breaker, routing_breaker, background_breaker)
+        self._background_breaker = background_breaker
+        self._router = Router(routing_client, routing_breaker, self._token_cache,
+                              config.lookup_routing_timeout, self._stats)
+        self._jobs = BackgroundJobs(config.max_background_jobs, self._stats)
+        self._flights: SingleFlight[_Shared] = SingleFlight()
+        self._actions = ActionRunner(background_client, background_breaker, config.cache_strategy,
+                                     self._stats, RecentActions(config.hot_window, config.hot_max_keys))
+        self._sampler = sampler
+
+    @property
+    def stats(self) -> KvCacheStats:
+        """All counters, with gauges refreshed as of now."""
+        s = self._stats
+        cache = self._token_cache
+        if cache is not None:
+            s.token_cache_hits, s.token_cache_misses = cache.hits, cache.misses
+            s.token_cache_size, s.token_cache_bytes = len(cache), cache.bytes
+        s.hot_keys = len(self._hotness)
+        s.single_flight_joined = self._flights.joined
+        s.background_running = self._jobs.running
+        s.breakers = {b.name: b.state.value for b in self._breakers}
+        return s
+
+    @property
+    def evict_supported(self) -> bool | None:
+        """Whether the controller has /evict: None until an eviction was attempted."""
+        return self._actions.evict_supported
+
+    async def route(self, body: object, nursery: trio.Nursery) -> RouteHint:
+        """The routing hint for a parsed request ``body``; cache management starts in ``nursery``.
+
+        ``nursery`` should be the request's: cancelling it cancels the background work.
+        A body without a prompt gets ``RouteHint(None, "no_prompt")``.
+        """
+        async def spawn(fn: Any, *args: Any) -> bool:
+            nursery.start_soon(fn, *args)
+            return True
+
+        hint = await self.process(body, spawn)
+        return hint if hint is not None else RouteHint(None, "no_prompt")
+
+    async def process(self, body: object, spawn: Spawn) -> RouteHint | None:
+        """Steps 1-4 for one request; None when the body has no prompt (pass through)."""
+        prompt = extract_prompt(body, self.config.default_model)
+        if prompt is None:
+            return None
+        hot_count = self._hotness.record(prompt.key, trio.current_time())
+        routing = await self._router.route(prompt)
+        await self._jobs.start(spawn, self._manage, prompt, hot_count, routing)
+        return routing.hint
+
+    # -- background --------------------------------------------------------------------
+
+    async def _manage(self, prompt: Prompt, hot_count: int, routing: Routing) -> None:
+        deadline = trio.current_time() + self.config.request_timeout
+        tokens, lookup = routing.tokens, routing.lookup
+        if tokens is None or lookup is None:
+            known = tokens
+            shared = await self._flights.run(
+                prompt.key, lambda: self._tokens_and_lookup(prompt, known, deadline))
+            if shared is None:
+                return
+            tokens, lookup = shared
+        load = self._sampler.latest if self._sampler is not None else None
+        now = trio.current_time()
+        for action in decide(self.config.cache_strategy, load, hot_count, lookup):
+            await self._actions.run(action, tokens, prompt.key, now, deadline)
+
+    async def _tokens_and_lookup(self, prompt: Prompt, tokens: TokenSeq | None,
+                                 deadline: float) -> _Shared | None:
+        if tokens is None:
+            tokens = await self._tokenize(prompt, deadline)
+            if tokens is None:
+                return None
+        try:
+            lookup = await self._background_client.lookup(tokens.json, breaker=self._background_breaker,
+                                                          deadline=deadline)
+        except UpstreamError as exc:
+            self._stats.background_lookups_failed += 1
+            log.info("kvcache: background lookup failed (prompt %s, %d tokens): %s",
+                     prompt.key[:12], tokens.count, exc)
+            return tokens, None
+        self._stats.background_lookups_ok += 1
+        return tokens, lookup
+
+    async def _tokenize(self, prompt: Prompt, deadline: float) -> TokenSeq | None:
+        cache = self._token_cache
+        if cache is not None:
+            cached = cache.peek(prompt.key, trio.current_time())
+            if cached is not None:
+                return cached
+        self._stats.tokenize_calls += 1
+        try:
+            result = await self._tokenizer.tokenize(prompt.tokenize_body, deadline=deadline)
+        except UpstreamError as exc:
+            self._stats.tokenize_failures += 1
+            log.info("kvcache: tokenize failed (prompt %s, %d chars): %s", prompt.key[:12], prompt.size, exc)
+            return None
+        if not result.tokens:
+            return None
+        tokens = TokenSeq.from_ids(result.tokens)
+        if cache is not None:
+            cache.put(prompt.key, tokens, trio.current_time())
+        return tokens
+
+
+def _on_breaker_change(breaker: CircuitBreaker, state: BreakerState) -> None:
+    level = logging.WARNING if state is BreakerState.OPEN else logging.INFO
+    log.log(level, "kvcache: %s circuit breaker is now %s", breaker.name, state.value)
+
+
+def _client(base_url: str, timeout: float, pool_size: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=base_url,
+        timeout=httpx.Timeout(timeout),
+        limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+@asynccontextmanager
+async def open_kvcache_core(config: KvCacheConfig, nursery: trio.Nursery, *,
+                            http_pool_size: int = DEFAULT_HTTP_POOL_SIZE) -> AsyncIterator[KvCache]:
+    """The core with its HTTP clients and host-load sampler (run in ``nursery``); closed on exit."""
+    cb = config.circuit_breaker
+
+    def breaker(name: str) -> CircuitBreaker:
+        return CircuitBreaker(name, cb.failure_threshold, cb.recovery_timeout, cb.half_open_max_calls,
+                              on_change=_on_breaker_change)
+
+    policy = RetryPolicy(config.retry.max_attempts, config.retry.base_backoff, config.retry.max_backoff)
+    clients = (
+        _client(config.vllm_endpoint, config.request_timeout, http_pool_size),
+        # Routing gets its own pool: background work can never make it wait for a connection.
+        _client(config.lmcache_endpoint, max(config.lookup_routing_timeout, 0.001), http_pool_size),
+        _client(config.lmcache_endpoint, config.request_timeout, http_pool_size),
+    )
+    strategy = config.cache_strategy
+    needs_load = ((strategy.enable_compression and strategy.load_threshold > 0)
+                  or (strategy.enable_eviction and strategy.memory_threshold > 0))
+    sampler = HostLoadSampler(config.load_sample_interval) if needs_load else None
+    kv = KvCache(
+        config,
+        tokenizer=TokenizerClient(clients[0], policy, breaker("tokenize")),
+        routing_client=LmCacheClient(clients[1], policy),
+        background_client=LmCacheClient(clients[2], policy),
+        routing_breaker=breaker("lookup_routing"),
+        background_breaker=breaker("lmcache_background"),
+        sampler=sampler,
+    )
+    sampler_scope = trio.CancelScope()
+    try:
+        if sampler is not None:
+            await nursery.start(_run_sampler, sampler, sampler_scope)
+        yield kv
+    finally:
+        sampler_scope.cancel()
+        with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+            for client in clients:
+                await client.aclose()
+
+
+async def _run_sampler(sampler: HostLoadSampler, scope: trio.CancelScope, *,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    with scope:
+        await sampler.run(task_status=task_status)
+
+
+@asynccontextmanager
+async def open_kvcache(config: KvCacheConfig, *, http_pool_size: int = DEFAULT_HTTP_POOL_SIZE
+                       ) -> AsyncIterator[KvCache]:
+    """Embed the KV-cache core in any trio program: ``async with open_kvcache(cfg) as kv``.
+
+    Then, per request, ``hint = await kv.route(body, request_nursery)``.
+    """
+    if not (config.vllm_endpoint and config.lmcache_endpoint):
+        raise ValueError("open_kvcache needs vllm_endpoint and lmcache_endpoint")
+    async with trio.open_nursery() as nursery, open_kvcache_core(
+            config, nursery, http_pool_size=http_pool_size) as kv:
+        yield kv

@@ -1,0 +1,65 @@
+"""``dgp.filter.ai.kvcache`` as a gateway decode filter: a thin adapter over the core.
+
+The filter sets the request's ``preferred_endpoint_id`` (Pixiu's
+``llm_preferred_endpoint_id``) and ``route_hint``, starts cache management in the request's
+:class:`~pixiu_kv.context.BackgroundScope`, and tells the gateway how long that work may
+outlive a completed response (``ctx.values["background_grace"]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from ...config import KvCacheConfig
+from ...context import RequestContext
+from .core import DEFAULT_HTTP_POOL_SIZE, KvCache, open_kvcache_core
+
+__all__ = ["BACKGROUND_GRACE", "KvCacheFilter", "PassThroughFilter", "open_kvcache_filter"]
+
+BACKGROUND_GRACE = "background_grace"
+"""Key in ``ctx.values``: seconds background work may run on after a completed response."""
+
+
+class KvCacheFilter:
+    __slots__ = ("kv",)
+
+    def __init__(self, kv: KvCache) -> None:
+        self.kv = kv
+
+    @property
+    def request_timeout(self) -> float:
+        return self.kv.config.request_timeout
+
+    async def decode(self, ctx: RequestContext) -> None:
+        # Before anything is spawned, so the gateway always knows the grace of started work.
+        ctx.values[BACKGROUND_GRACE] = self.kv.config.request_timeout
+        hint = await self.kv.process(ctx.json, ctx.background.start_soon)
+        if hint is not None:
+            ctx.route_hint = hint
+            ctx.preferred_endpoint_id = hint.endpoint_id
+
+
+class PassThroughFilter:
+    """The filter with ``enabled = false``: touches nothing."""
+
+    __slots__ = ()
+
+    request_timeout = 0.0
+
+    async def decode(self, ctx: RequestContext) -> None:
+        return None
+
+
+@asynccontextmanager
+async def open_kvcache_filter(config: KvCacheConfig, nursery: trio.Nursery, *,
+                              http_pool_size: int = DEFAULT_HTTP_POOL_SIZE
+                              ) -> AsyncIterator[KvCacheFilter | PassThroughFilter]:
+    """The decode filter; ``nursery`` is the gateway's long-lived one (host-load sampler)."""
+    if not config.enabled:
+        yield PassThroughFilter()
+        return
+    async with open_kvcache_core(config, nursery, http_pool_size=http_pool_size) as kv:
+        yield KvCacheFilter(kv)

@@ -1,0 +1,100 @@
+"""The synchronous routing lookup: which instance holds the longest prefix of this prompt.
+
+It runs on the request path, so it never outlives its budget (``lookup_routing_timeout``)
+and costs nothing when the controller is known to be down (its breaker is open). Tokens
+come only from the local token cache: a prompt seen for the first time is not routed
+(Pixiu's behaviour). :meth:`Router.tokens_for_routing` is the one place where a
+first-sight tokenization would be added.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import trio
+
+from ...context import RouteHint
+from ...upstream.lmcache import LmCacheClient, LookupResult
+from ...upstream.resilience import BreakerOpenError, CircuitBreaker, UpstreamError, UpstreamTimeout
+from .prompt import Prompt
+from .stats import KvCacheStats, LookupOutcome
+from .tokens import TokenCache, TokenSeq
+
+__all__ = ["ROUTED_REASON", "Router", "Routing"]
+
+log = logging.getLogger("pixiu_kv.kvcache")
+
+ROUTED_REASON = "kv_prefix"
+
+
+@attrs.frozen(slots=True)
+class Routing:
+    """What routing learnt: the hint, and the tokens and lookup result for cache management."""
+
+    outcome: LookupOutcome
+    hint: RouteHint
+    tokens: TokenSeq | None
+    lookup: LookupResult | None
+
+
+class Router:
+    __slots__ = ("_breaker", "_budget", "_client", "_stats", "_token_cache")
+
+    def __init__(self, client: LmCacheClient, breaker: CircuitBreaker, token_cache: TokenCache | None,
+                 budget: float, stats: KvCacheStats) -> None:
+        self._client = client
+        self._breaker = breaker
+        self._token_cache = token_cache
+        self._budget = budget
+        self._stats = stats
+
+    def tokens_for_routing(self, prompt: Prompt) -> TokenSeq | None:
+        cache = self._token_cache
+        if cache is None:
+            return None
+        tokens = cache.get(prompt.key, trio.current_time())
+        return tokens if tokens is not None and tokens.count > 0 else None
+
+    async def route(self, prompt: Prompt) -> Routing:
+        tokens = self.tokens_for_routing(prompt)
+        if tokens is None:
+            return self._done("no_tokens", prompt, None, None)
+        lookup: LookupResult | None = None
+        outcome: LookupOutcome = "error"
+        error: UpstreamError | None = None
+        with trio.move_on_after(self._budget) as scope:
+            try:
+                lookup = await self._client.lookup(
+                    tokens.json, breaker=self._breaker, deadline=trio.current_time() + self._budget,
+                    cancel_is_failure=True)
+            except BreakerOpenError:
+                outcome = "breaker_open"
+            except UpstreamTimeout:
+                outcome = "timeout"
+            except UpstreamError as exc:
+                error = exc
+        if scope.cancelled_caught:
+            outcome = "timeout"
+        elif lookup is not None:
+            outcome = "routed" if lookup.best is not None else "miss"
+        if outcome == "timeout":
+            log.warning("kvcache: routing lookup timed out after %.0f ms (prompt %s, %d tokens)",
+                        self._budget * 1000, prompt.key[:12], tokens.count)
+        elif error is not None:
+            log.warning("kvcache: routing lookup failed (prompt %s, %d tokens): %s",
+                        prompt.key[:12], tokens.count, error)
+        return self._done(outcome, prompt, tokens, lookup)
+
+    def _done(self, outcome: LookupOutcome, prompt: Prompt, tokens: TokenSeq | None,
+              lookup: LookupResult | None) -> Routing:
+        self._stats.lookups[outcome] += 1
+        count = tokens.count if tokens is not None else None
+        best = lookup.best if lookup is not None else None
+        if best is not None:
+            log.debug("kvcache: prompt %s (%d tokens) routed to %s (%d tokens cached)",
+                      prompt.key[:12], count, best.instance_id, best.matched)
+            hint = RouteHint(best.instance_id, ROUTED_REASON, best.matched, count)
+        else:
+            hint = RouteHint(None, outcome, 0 if outcome == "miss" else None, count)
+        return Routing(outcome, hint, tokens, lookup)
