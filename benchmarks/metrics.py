@@ -79,14 +79,22 @@ def coefficient_of_variation(values: Sequence[float]) -> float | None:
     return math.sqrt(var) / mean
 
 
-_FALLBACK_WORDS = ("fallback", "miss", "balanc", "lb", "none", "default", "no-", "skip")
+_FALLBACK_WORDS = ("fallback", "miss", "balanc", "none", "default", "skip")
 
 
 def classify_route(value: str) -> str:
-    """'routed' / 'fallback' / '' from a gateway's routing verdict header value."""
+    """'routed' / 'fallback' / '' from a gateway's routing verdict header value.
+
+    pixiu-kv sends ``reason=...; hinted=<id>|-; used=yes|no; ...``: routed means a hint was
+    given and the request went to the hinted engine. Other values are read by keyword.
+    """
     v = value.strip().lower()
     if not v:
         return ""
+    fields = dict(part.strip().partition("=")[::2] for part in v.split(";"))
+    if "used" in fields:
+        return "routed" if fields["used"] == "yes" and fields.get("hinted", "-") not in ("", "-") \
+            else "fallback"
     if any(w in v for w in _FALLBACK_WORDS):
         return "fallback"
     return "routed"
@@ -97,11 +105,13 @@ def _r(value: float | None, digits: int = 6) -> float | None:
 
 
 def aggregate(samples: Sequence[Sample], *, engines: Sequence[str] = (),
-              wall_s: float | None = None) -> dict[str, Any]:
+              wall_s: float | None = None, routing_expected: bool = False) -> dict[str, Any]:
     """The metrics of one run.
 
     ``engines`` lists every engine of the fleet so that idle ones count in the spread;
-    ``wall_s`` is the run's duration (default: first start to last end).
+    ``wall_s`` is the run's duration (default: first start to last end). With
+    ``routing_expected`` (a cache-aware gateway) a request without a verdict header counts
+    as a fallback: the router gave no hint for it.
     """
     ok = [s for s in samples if s.ok]
     ttfts = [t for s in ok if (t := s.ttft_s) is not None]
@@ -130,7 +140,7 @@ def aggregate(samples: Sequence[Sample], *, engines: Sequence[str] = (),
     prompt_cv = (coefficient_of_variation([r["prompt_tokens"] for r in per_engine.values()])
                  if attributed else None)
 
-    verdicts = Counter(classify_route(s.route) for s in ok)
+    verdicts = Counter(classify_route(s.route) or ("fallback" if routing_expected else "") for s in ok)
     errors = Counter(s.error or f"status {s.status}" for s in samples if not s.ok)
     return {
         "requests": len(samples),

@@ -41,6 +41,9 @@ def test_classify_route() -> None:
     assert classify_route("fallback") == "fallback"
     assert classify_route("cache-hit") == "routed"
     assert classify_route("routed") == "routed"
+    assert classify_route("reason=kv_prefix; hinted=e1; used=yes; matched=512") == "routed"
+    assert classify_route("reason=kv_prefix; hinted=e1; used=no") == "fallback"
+    assert classify_route("reason=no_match; hinted=-; used=no") == "fallback"
 
 
 def _s(i: int, *, start: float, ttft: float, end: float, endpoint: str, prompt: int, cached: int,
@@ -77,6 +80,12 @@ def test_aggregate_on_synthetic_samples() -> None:
     assert per["c"]["hit_ratio"] is None
     assert m["load_cv"] == pytest.approx(coefficient_of_variation([2, 2, 0]), abs=1e-4)
     assert m["unattributed"] == 0
+
+
+def test_missing_verdict_counts_as_fallback_only_when_routing_is_expected() -> None:
+    samples = [_s(0, start=0, ttft=0.1, end=1, endpoint="a", prompt=10, cached=0)]
+    assert aggregate(samples)["fallback"] == 0
+    assert aggregate(samples, routing_expected=True)["fallback"] == 1
 
 
 def test_aggregate_of_nothing_is_empty_not_an_error() -> None:
