@@ -1,0 +1,403 @@
+"""A simulated vLLM OpenAI server with an LMCache CPU tier, as a lean raw ASGI app.
+
+No framework: one engine process serves hundreds of concurrent streams. The wire
+format lives in :mod:`openai_api`, the timing in :mod:`scheduler`; this module is I/O.
+A client that goes away cancels its request (and frees its KV blocks), like vLLM's
+abort on disconnect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import trio
+
+from .costmodel import PrefillPlan
+from .cpu_tier import CpuTier
+from .engine_config import EngineConfig
+from .faults import FaultInjector, faults_to_json
+from .lmcache_link import ChunkSink, WorkerControl
+from .metrics import EngineMetrics
+from .openai_api import (
+    ApiError,
+    GenerationRequest,
+    StreamRenderer,
+    error_json,
+    parse_chat,
+    parse_completion,
+    parse_json,
+    parse_tokenize,
+    render_final,
+)
+from .prefix_cache import PrefixCache
+from .scheduler import EngineOverloaded, Scheduler
+from .tokenizer import detokenize
+
+__all__ = ["SimEngine"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+_Handler = Callable[[Scope, Receive, Send, bytes], Awaitable[None]]
+
+_JSON = (b"content-type", b"application/json")
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+_PROMETHEUS = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+_DONE = b"data: [DONE]\n\n"
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+VLLM_VERSION = "0.33.0"
+
+
+class _StreamCut(Exception):
+    """The drop fault fired: end the ASGI call without finishing the body."""
+
+
+async def _respond(send: Send, status: int, body: bytes = b"",
+                   content_type: tuple[bytes, bytes] | None = _JSON,
+                   extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [(b"content-length", str(len(body)).encode())]
+    if content_type is not None and body:
+        headers.append(content_type)
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+class SimEngine:
+    """One simulated engine. Call it as an ASGI app; read its state directly in tests."""
+
+    def __init__(self, config: EngineConfig, *, chunk_sink: ChunkSink | None = None) -> None:
+        self.config = config
+        self.metrics = EngineMetrics()
+        self.prefix_cache = PrefixCache(config.gpu_kv_tokens, config.block_size)
+        self.cpu_tier = CpuTier(config.cpu_tier_tokens, chunk_sink, chunk_size=config.chunk_size,
+                                compression_ratio=config.compression_ratio)
+        self.scheduler = Scheduler(config, self.prefix_cache, self.cpu_tier, self.metrics)
+        self.faults = FaultInjector(config.faults, config.instance_id)
+        self.cpu_tier.error_code = 1 if config.faults.dead else 0
+        self._inflight = 0
+        self._generating = 0
+        self._created = int(time.time())
+        self._routes: dict[str, dict[str, _Handler]] = {
+            "/v1/completions": {"POST": self._completions},
+            "/v1/chat/completions": {"POST": self._chat},
+            "/tokenize": {"POST": self._tokenize},
+            "/detokenize": {"POST": self._detokenize},
+            "/v1/models": {"GET": self._models},
+            "/health": {"GET": self._health},
+            "/load": {"GET": self._load},
+            "/get_load": {"GET": self._get_load},
+            "/metrics": {"GET": self._metrics},
+            "/reset_prefix_cache": {"POST": self._reset_prefix_cache},
+            "/server_info": {"GET": self._server_info},
+            "/get_server_info": {"GET": self._server_info},
+            "/model_info": {"GET": self._model_info},
+            "/get_model_info": {"GET": self._model_info},
+            "/version": {"GET": self._version},
+            "/sim/faults": {"GET": self._get_faults, "POST": self._set_faults},
+            "/sim/state": {"GET": self._state},
+        }
+
+    @property
+    def instance_id(self) -> str:
+        return self.config.instance_id
+
+    @property
+    def worker_control(self) -> WorkerControl:
+        """What a controller drives: this engine's LMCache CPU tier."""
+        return self.cpu_tier
+
+    def attach_chunk_sink(self, sink: ChunkSink) -> None:
+        """Report CPU-tier admissions and evictions to ``sink`` (it learns current chunks first)."""
+        self.cpu_tier.attach_sink(sink)
+
+    def set_faults(self, **changes: Any) -> None:
+        """Change fault knobs at runtime (same fields as ``POST /sim/faults``)."""
+        self.faults.update(changes)
+        self.cpu_tier.error_code = 1 if self.faults.config.dead else 0
+
+    # -- ASGI ----------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        methods = self._routes.get(scope["path"])
+        if methods is None:
+            await _respond(send, 404, b'{"detail":"Not Found"}')
+            return
+        handler = methods.get(scope["method"])
+        if handler is None:
+            allow = ", ".join(methods).encode()
+            await _respond(send, 405, b'{"detail":"Method Not Allowed"}', extra=[(b"allow", allow)])
+            return
+        if self._inflight >= self.config.max_concurrent_requests:
+            await _respond(send, 503, error_json("The server is at its request limit",
+                                                 "ServiceUnavailableError", 503))
+            return
+        if self.faults.config.dead and not scope["path"].startswith("/sim/"):
+            body = b"" if scope["path"] == "/health" else error_json(
+                "The engine is dead", "ServiceUnavailableError", 503)
+            await _respond(send, 503, body)
+            return
+        self._inflight += 1
+        try:
+            request_body = await self._read_body(receive)
+            if request_body is None:
+                return
+            await handler(scope, receive, send, request_body)
+        except ApiError as error:
+            await _respond(send, error.status, error.body())
+        finally:
+            self._inflight -= 1
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        parts: list[bytes] = []
+        size = 0
+        limit = self.config.max_body_bytes
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"Request body larger than {limit} bytes", "BadRequestError")
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+    async def _watched(self, receive: Receive, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work``; a client disconnect before it finishes cancels it."""
+        finished = False
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        if not finished:
+                            nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(watch)
+            try:
+                await work()
+            finally:
+                finished = True
+                nursery.cancel_scope.cancel()
+
+    async def _apply_faults(self, send: Send) -> bool:
+        """Latency, hang and error faults; True when the request was answered with an error."""
+        faults = self.faults.config
+        if faults.added_latency_s:
+            await trio.sleep(faults.added_latency_s)
+        if faults.hang:
+            await trio.sleep_forever()
+        if self.faults.should_fail():
+            await _respond(send, 500, error_json("Simulated engine failure", "InternalServerError", 500))
+            return True
+        return False
+
+    # -- generation ---------------------------------------------------------------------
+
+    async def _completions(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        req = parse_completion(parse_json(_header(scope, b"content-type"), body), self.config)
+        await self._watched(receive, lambda: self._serve(req, send, "cmpl-"))
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        req = parse_chat(parse_json(_header(scope, b"content-type"), body), self.config)
+        await self._watched(receive, lambda: self._serve(req, send, "chatcmpl-"))
+
+    async def _serve(self, req: GenerationRequest, send: Send, id_prefix: str) -> None:
+        if await self._apply_faults(send):
+            return
+        scheduler = self.scheduler
+        if scheduler.waiting >= self.config.max_waiting and (
+            scheduler.waiting or scheduler.running >= self.config.max_num_seqs
+        ):
+            await _respond(send, 503, error_json("The engine's waiting queue is full",
+                                                 "ServiceUnavailableError", 503))
+            return
+        request_id = id_prefix + os.urandom(16).hex()
+        created = int(time.time())
+        self._generating += 1
+        try:
+            if req.stream:
+                await self._serve_stream(req, send, request_id, created)
+            else:
+                await self._serve_unary(req, send, request_id, created)
+        finally:
+            self._generating -= 1
+
+    async def _serve_unary(self, req: GenerationRequest, send: Send, request_id: str, created: int) -> None:
+        try:
+            gen = await self.scheduler.generate(
+                req.prompt_ids, req.max_tokens, n=req.n, seed=req.seed,
+                extra_token_delay=self.faults.config.slow_stream_s,
+            )
+        except EngineOverloaded:
+            await _respond(send, 503, error_json("The engine's waiting queue is full",
+                                                 "ServiceUnavailableError", 503))
+            return
+        body = render_final(req, gen, request_id, created)
+        if self.faults.config.drop_after_chunks is not None:
+            headers = [(b"content-length", str(len(body)).encode()), _JSON]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
+            return  # the server closes the connection mid-body
+        await _respond(send, 200, body)
+
+    async def _serve_stream(self, req: GenerationRequest, send: Send, request_id: str, created: int) -> None:
+        renderer = StreamRenderer(req, request_id, created)
+        drop_after = self.faults.config.drop_after_chunks
+        sent = 0
+
+        async def emit(event: bytes) -> None:
+            nonlocal sent
+            if drop_after is not None and sent >= drop_after:
+                raise _StreamCut
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            sent += 1
+
+        async def on_step(step: int, ids: list[int], plan: PrefillPlan) -> None:
+            if step == 0:
+                for event in renderer.role_events():
+                    await emit(event)
+            for event in renderer.token_events(step, ids, plan.cached_tokens):
+                await emit(event)
+
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        try:
+            if drop_after == 0:
+                raise _StreamCut
+            try:
+                gen = await self.scheduler.generate(
+                    req.prompt_ids, req.max_tokens, n=req.n, seed=req.seed, on_step=on_step,
+                    extra_token_delay=self.faults.config.slow_stream_s,
+                )
+            except EngineOverloaded:
+                await emit(b"data: " + error_json("The engine's waiting queue is full",
+                                                  "ServiceUnavailableError", 503) + b"\n\n")
+            else:
+                if req.include_usage:
+                    await emit(renderer.usage_event(gen.plan.cached_tokens))
+            await emit(_DONE)
+        except _StreamCut:
+            return  # no final body message: hypercorn closes the connection mid-stream
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    # -- other vLLM routes ------------------------------------------------------------------
+
+    async def _tokenize(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        data = parse_json(_header(scope, b"content-type"), body)
+        ids = parse_tokenize(data, self.config)
+
+        async def work() -> None:
+            if await self._apply_faults(send):
+                return
+            reply = {"count": len(ids), "max_model_len": self.config.max_model_len,
+                     "tokens": ids, "token_strs": None}
+            await _respond(send, 200, _dumps(reply).encode())
+
+        await self._watched(receive, work)
+
+    async def _detokenize(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        data = parse_json(_header(scope, b"content-type"), body)
+        tokens = data.get("tokens")
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in tokens
+        ):
+            raise ApiError(400, "'tokens' must be a list of integers", param="tokens")
+        await _respond(send, 200, _dumps({"prompt": detokenize(tokens)}).encode())
+
+    async def _models(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        c = self.config
+        card = {"id": c.model, "object": "model", "created": self._created, "owned_by": "vllm",
+                "root": c.model, "parent": None, "max_model_len": c.max_model_len, "permission": []}
+        await _respond(send, 200, _dumps({"object": "list", "data": [card]}).encode())
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        await _respond(send, 200)
+
+    async def _load(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        await _respond(send, 200, _dumps({"server_load": self._generating}).encode())
+
+    async def _get_load(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        s = self.scheduler
+        reply = {"load": s.running + s.waiting, "num_reqs": s.running, "num_waiting_reqs": s.waiting,
+                 "num_tokens": self.prefix_cache.used_blocks * self.config.block_size}
+        await _respond(send, 200, _dumps(reply).encode())
+
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        text = self.metrics.render(
+            model=self.config.model, engine=self.config.engine_index, running=self.scheduler.running,
+            waiting=self.scheduler.waiting, kv_usage=self.prefix_cache.usage(),
+        )
+        await _respond(send, 200, text.encode(), _PROMETHEUS)
+
+    async def _reset_prefix_cache(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        self.prefix_cache.reset()
+        await _respond(send, 200)
+
+    async def _server_info(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        c = self.config
+        info = {"version": VLLM_VERSION, "served_model_name": c.model, "max_model_len": c.max_model_len,
+                "max_num_seqs": c.max_num_seqs, "block_size": c.block_size,
+                "num_gpu_blocks": self.prefix_cache.num_blocks, "enable_prefix_caching": True,
+                "kv_connector": "LMCacheConnectorV1" if self.cpu_tier.enabled else None,
+                "lmcache_instance_id": c.instance_id, "simulated": True}
+        await _respond(send, 200, _dumps(info).encode())
+
+    async def _model_info(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        # No model or tokenizer path: a router must not try to download a tokenizer.
+        info = {"model_name": self.config.model, "is_generation": True,
+                "max_model_len": self.config.max_model_len}
+        await _respond(send, 200, _dumps(info).encode())
+
+    async def _version(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        await _respond(send, 200, _dumps({"version": VLLM_VERSION}).encode())
+
+    async def _get_faults(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        await _respond(send, 200, _dumps(faults_to_json(self.faults.config)).encode())
+
+    async def _set_faults(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        data = parse_json(_header(scope, b"content-type"), body)
+        try:
+            self.set_faults(**data)
+        except (ValueError, TypeError) as error:
+            raise ApiError(400, str(error)) from None
+        await _respond(send, 200, _dumps(faults_to_json(self.faults.config)).encode())
+
+    async def _state(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        pc, tier = self.prefix_cache, self.cpu_tier
+        state = {
+            "instance_id": self.config.instance_id, "running": self.scheduler.running,
+            "waiting": self.scheduler.waiting, "gpu_blocks_total": pc.num_blocks,
+            "gpu_blocks_used": pc.used_blocks, "gpu_blocks_cached": pc.cached_blocks,
+            "gpu_blocks_evicted": pc.evicted_blocks, "cpu_tier_chunks": len(tier),
+            "cpu_tier_used_tokens": tier.used_tokens, "cpu_tier_capacity_tokens": tier.capacity_tokens,
+        }
+        await _respond(send, 200, _dumps(state).encode())

@@ -1,0 +1,215 @@
+"""Continuous batching for a simulated engine: admission, prefill, decode, on trio time.
+
+Up to ``max_num_seqs`` requests run at once; more wait in a bounded FIFO (head-of-line,
+like vLLM) until a slot and enough KV blocks are free. Prefill is serialized on one
+GPU lane: a request's prefill starts when the lane is free, so queued prompts see
+each other's prefill time in their TTFT. Decoding runs per request at an interval that
+grows with the batch. Everything is computed from ``trio.current_time()``, so tests can
+use an autojump clock.
+"""
+
+from __future__ import annotations
+
+import zlib
+from array import array
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+
+import attrs
+import trio
+
+from .costmodel import CostModel, PrefillPlan
+from .cpu_tier import CpuTier
+from .engine_config import EngineConfig
+from .lmcache_link import chunk_keys
+from .metrics import EngineMetrics
+from .prefix_cache import BlockAllocation, PrefixCache, block_hashes
+from .tokenizer import VOCAB_SIZE
+
+__all__ = ["EngineOverloaded", "Generation", "Scheduler", "StepCallback"]
+
+StepCallback = Callable[[int, list[int], PrefillPlan], Awaitable[None]]
+"""Called once per decode step with the step index, one new token id per choice, and the
+prompt's prefill plan (what was cached)."""
+
+_FIRST_OUTPUT_ID = 256
+
+
+class EngineOverloaded(Exception):
+    """The waiting queue is full."""
+
+
+@attrs.frozen
+class Generation:
+    plan: PrefillPlan
+    ttft_s: float
+    outputs: list[list[int]]
+    """Token ids per choice."""
+
+
+def output_token(base: int, choice: int, step: int) -> int:
+    """Deterministic output id for (prompt+seed digest, choice, step)."""
+    x = (base ^ (choice * 0x9E3779B1) ^ (step * 0x85EBCA6B)) & 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    x ^= x >> 16
+    return _FIRST_OUTPUT_ID + x % (VOCAB_SIZE - _FIRST_OUTPUT_ID)
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    hashes: list[int]
+    prompt_len: int
+    total_tokens: int
+    granted: trio.Event = attrs.field(factory=trio.Event)
+    allocation: BlockAllocation | None = None
+
+
+class Scheduler:
+    """The engine core: GPU prefix cache, CPU tier, cost model, batch, metrics."""
+
+    def __init__(self, config: EngineConfig, prefix_cache: PrefixCache, cpu_tier: CpuTier,
+                 metrics: EngineMetrics) -> None:
+        self.config = config
+        self.prefix_cache = prefix_cache
+        self.cpu_tier = cpu_tier
+        self.metrics = metrics
+        self.cost = CostModel(config)
+        self._running = 0
+        self._waiting: deque[_Waiter] = deque()
+        self._prefill_free_at = 0.0
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def _admit_waiting(self) -> None:
+        while self._waiting and self._running < self.config.max_num_seqs:
+            head = self._waiting[0]
+            allocation = self.prefix_cache.try_allocate(head.hashes, head.prompt_len, head.total_tokens)
+            if allocation is None:
+                return
+            self._waiting.popleft()
+            head.allocation = allocation
+            self._running += 1
+            head.granted.set()
+
+    async def _acquire(self, hashes: list[int], prompt_len: int, total_tokens: int) -> BlockAllocation:
+        if not self._waiting and self._running < self.config.max_num_seqs:
+            allocation = self.prefix_cache.try_allocate(hashes, prompt_len, total_tokens)
+            if allocation is not None:
+                self._running += 1
+                return allocation
+        if len(self._waiting) >= self.config.max_waiting:
+            raise EngineOverloaded
+        waiter = _Waiter(hashes, prompt_len, total_tokens)
+        self._waiting.append(waiter)
+        try:
+            await waiter.granted.wait()
+        except BaseException:
+            if waiter.allocation is None:
+                self._waiting.remove(waiter)
+            else:
+                self._release(waiter.allocation)
+            raise
+        assert waiter.allocation is not None
+        return waiter.allocation
+
+    def _release(self, allocation: BlockAllocation) -> None:
+        self.prefix_cache.release(allocation)
+        self._running -= 1
+        self._admit_waiting()
+
+    def _plan(self, prompt_ids: Sequence[int], allocation: BlockAllocation,
+              keys: list[int]) -> PrefillPlan:
+        prompt_len = len(prompt_ids)
+        gpu_hit = allocation.hit_tokens
+        cpu_hit = 0
+        compressed = 0
+        tier = self.cpu_tier
+        if tier.enabled and keys:
+            match = tier.match(keys)
+            # LMCache never serves the last prompt token: vLLM must compute one.
+            tier_tokens = min(match.chunks * tier.chunk_size, prompt_len - 1)
+            if tier_tokens > gpu_hit:
+                cpu_hit = tier_tokens - gpu_hit
+                first_loaded_chunk = gpu_hit // tier.chunk_size
+                compressed_chunks = sum(
+                    1 for key in keys[first_loaded_chunk : match.chunks] if tier.is_compressed(key)
+                )
+                compressed = min(compressed_chunks * tier.chunk_size, cpu_hit)
+        return self.cost.plan_prefill(prompt_len, gpu_hit, cpu_hit, compressed)
+
+    def _digest(self, prompt_ids: Sequence[int], seed: int | None) -> int:
+        return zlib.crc32(array("I", prompt_ids)) ^ ((seed or 0) & 0xFFFFFFFF) ^ self.config.seed
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        *,
+        n: int = 1,
+        seed: int | None = None,
+        on_step: StepCallback | None = None,
+        extra_token_delay: float = 0.0,
+    ) -> Generation:
+        """Run one request to completion. ``on_step`` streams tokens; without it the decode
+        phase is one sleep at the current batch size's rate."""
+        config = self.config
+        prompt_len = len(prompt_ids)
+        arrival = trio.current_time()
+        hashes = block_hashes(prompt_ids, config.block_size)
+        allocation = await self._acquire(hashes, prompt_len, prompt_len + max_tokens)
+        metrics = self.metrics
+        completed = False
+        try:
+            keys = chunk_keys(prompt_ids, config.chunk_size) if self.cpu_tier.enabled else []
+            plan = self._plan(prompt_ids, allocation, keys)
+            metrics.prefix_queries += prompt_len
+            metrics.prefix_hits += plan.gpu_hit_tokens
+            if self.cpu_tier.enabled:
+                metrics.external_queries += prompt_len - plan.gpu_hit_tokens
+                metrics.external_hits += plan.cpu_hit_tokens
+            start = max(trio.current_time(), self._prefill_free_at)
+            done = start + plan.seconds
+            self._prefill_free_at = done
+            await trio.sleep_until(done + extra_token_delay)
+            self.prefix_cache.commit_prompt(allocation, hashes)
+            self.cpu_tier.store(keys)
+            ttft = trio.current_time() - arrival
+            metrics.observe_ttft(ttft)
+            metrics.prompt_tokens += prompt_len
+            metrics.prompt_tokens_cached += plan.cached_tokens
+
+            base = self._digest(prompt_ids, seed)
+            outputs: list[list[int]] = [[output_token(base, c, 0)] for c in range(n)]
+            if on_step is not None:
+                await on_step(0, [out[0] for out in outputs], plan)
+                deadline = trio.current_time()
+                for step in range(1, max_tokens):
+                    deadline += self.cost.decode_interval(self._running) + extra_token_delay
+                    await trio.sleep_until(deadline)
+                    ids = [output_token(base, c, step) for c in range(n)]
+                    for out, token in zip(outputs, ids, strict=True):
+                        out.append(token)
+                    await on_step(step, ids, plan)
+            else:
+                if max_tokens > 1:
+                    per_token = self.cost.decode_interval(self._running) + extra_token_delay
+                    await trio.sleep(per_token * (max_tokens - 1))
+                for c, out in enumerate(outputs):
+                    out.extend(output_token(base, c, step) for step in range(1, max_tokens))
+            metrics.generation_tokens += n * max_tokens
+            metrics.requests_finished += 1
+            completed = True
+            return Generation(plan, ttft, outputs)
+        finally:
+            if not completed:
+                metrics.requests_aborted += 1
+            self._release(allocation)
