@@ -90,6 +90,8 @@ class RequestContext:
     route_hint: RouteHint | None = None
     # Free-form values for filters that cooperate (kept small; dropped with the request).
     values: dict[str, Any] = attrs.field(factory=dict)
+    # The raw query string (without "?"), forwarded upstream as is.
+    query_string: bytes = b""
 
     @property
     def model(self) -> str | None:
