@@ -39,9 +39,12 @@ __all__ = [
     "EndpointSample",
     "GatewayMetrics",
     "KvCacheSample",
+    "KvStatsLike",
     "StateSnapshot",
     "StateSource",
+    "route_outcome",
     "sample_endpoints",
+    "sample_kvcache",
 ]
 
 METRICS_CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
@@ -118,6 +121,10 @@ class KvCacheSample:
     background: BackgroundJobCounts = BackgroundJobCounts()
     # (action, outcome) -> count, e.g. ("pin", "ok") -> 3
     cache_actions: Mapping[tuple[str, str], int] = attrs.field(factory=dict)
+    # Routing lookups as the kvcache filter counted them, by outcome.
+    lookups: Mapping[str, int] = attrs.field(factory=dict)
+    tokenize_calls: int = 0
+    tokenize_failures: int = 0
 
 
 @attrs.frozen
@@ -209,6 +216,11 @@ class _StateCollector(Collector):
         actions = CounterMetricFamily(PREFIX + "cache_actions",
                                       "Cache-management actions sent to LMCache, by action and outcome.",
                                       labels=("action", "outcome"))
+        lookups = CounterMetricFamily(PREFIX + "kvcache_lookups",
+                                      "Routing lookups of the kvcache filter, by outcome.",
+                                      labels=("outcome",))
+        tokenize = CounterMetricFamily(PREFIX + "tokenize_requests",
+                                       "Tokenize calls to the engine, by outcome.", labels=("outcome",))
         if snap is not None:
             for e in snap.endpoints:
                 labels = [e.cluster, e.endpoint]
@@ -236,8 +248,77 @@ class _StateCollector(Collector):
                 running.add_metric([], float(bg.running))
                 for (action, outcome), count in sorted(kv.cache_actions.items()):
                     actions.add_metric([action, outcome], float(count))
+                for outcome, count in sorted(kv.lookups.items()):
+                    lookups.add_metric([outcome], float(count))
+                tokenize.add_metric(["ok"], float(kv.tokenize_calls - kv.tokenize_failures))
+                tokenize.add_metric(["failed"], float(kv.tokenize_failures))
         yield from (healthy, available, draining, in_flight, capacity, breaker, generation,
-                    tc_hits, tc_misses, tc_entries, tc_bytes, hot_keys, *jobs.values(), running, actions)
+                    tc_hits, tc_misses, tc_entries, tc_bytes, hot_keys, *jobs.values(), running, actions,
+                    lookups, tokenize)
+
+
+class KvStatsLike(Protocol):
+    """What the collector reads from the kvcache filter's ``KvCacheStats``."""
+
+    lookups: dict[str, int]
+    token_cache_hits: int
+    token_cache_misses: int
+    token_cache_size: int
+    token_cache_bytes: int
+    tokenize_calls: int
+    tokenize_failures: int
+    hot_keys: int
+    background_started: int
+    background_finished: int
+    background_dropped: int
+    background_cancelled: int
+    background_running: int
+    actions: dict[str, dict[str, int]]
+    breakers: dict[str, str]
+
+
+def sample_kvcache(stats: KvStatsLike) -> tuple[KvCacheSample, tuple[BreakerSample, ...]]:
+    """The kvcache filter's stats (``KvCache.stats``, refreshed on read) as samples."""
+    sample = KvCacheSample(
+        token_cache_hits=stats.token_cache_hits, token_cache_misses=stats.token_cache_misses,
+        token_cache_entries=stats.token_cache_size, token_cache_bytes=stats.token_cache_bytes,
+        hotness_keys=stats.hot_keys,
+        background=BackgroundJobCounts(
+            started=stats.background_started, finished=stats.background_finished,
+            dropped=stats.background_dropped, cancelled=stats.background_cancelled,
+            running=stats.background_running),
+        cache_actions={(kind, outcome): count for kind, outcomes in stats.actions.items()
+                       for outcome, count in outcomes.items()},
+        lookups=dict(stats.lookups),
+        tokenize_calls=stats.tokenize_calls, tokenize_failures=stats.tokenize_failures,
+    )
+    breakers = tuple(BreakerSample(name, state) for name, state in sorted(stats.breakers.items())
+                     if state in BREAKER_STATES)
+    return sample, breakers
+
+
+_HINT_OUTCOMES: Final = {
+    "no_tokens": "no_tokens",
+    "miss": "lookup_miss",
+    "timeout": "lookup_timeout",
+    "breaker_open": "breaker_open",
+    "error": "lookup_error",
+    "no_prompt": "no_preference",
+}
+
+
+def route_outcome(hint_endpoint: str | None, hint_reason: str | None, used_endpoint: str | None) -> str:
+    """The routing-decision outcome of one request, from its route hint and where it went.
+
+    A hint that named an endpoint is a ``cache_hit`` when the request went there and
+    ``preferred_unhealthy`` when the proxy had to choose another one (unhealthy, draining,
+    cooling down or full). A hint without an endpoint says why there was none.
+    """
+    if hint_reason is None:
+        return "no_preference"
+    if hint_endpoint is not None:
+        return "cache_hit" if used_endpoint == hint_endpoint else "preferred_unhealthy"
+    return _HINT_OUTCOMES.get(hint_reason, "other")
 
 
 # -- events counted on the request path ---------------------------------------------------

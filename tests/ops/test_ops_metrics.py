@@ -9,13 +9,16 @@ import pytest
 
 from pixiu_kv.cluster import Cluster
 from pixiu_kv.config import ClusterConfig, EndpointConfig
+from pixiu_kv.filters.kvcache import KvCacheStats
 from pixiu_kv.metrics import (
     BackgroundJobCounts,
     BreakerSample,
     GatewayMetrics,
     KvCacheSample,
     StateSnapshot,
+    route_outcome,
     sample_endpoints,
+    sample_kvcache,
 )
 
 EXPECTED_TYPES = {
@@ -51,6 +54,8 @@ EXPECTED_TYPES = {
     "pixiu_kv_background_jobs_cancelled": "counter",
     "pixiu_kv_background_jobs_running": "gauge",
     "pixiu_kv_cache_actions": "counter",
+    "pixiu_kv_kvcache_lookups": "counter",
+    "pixiu_kv_tokenize_requests": "counter",
 }
 
 
@@ -196,3 +201,48 @@ def test_breaker_states_are_validated() -> None:
     with pytest.raises(ValueError):
         BreakerSample("lmcache", "ajar")
     assert attrs.evolve(BreakerSample("b", "open"), state="half_open").state == "half_open"
+
+
+def test_kvcache_stats_are_read_live_at_scrape_time() -> None:
+    stats = KvCacheStats()
+    m = GatewayMetrics()
+
+    def snapshot() -> StateSnapshot:
+        kv, breakers = sample_kvcache(stats)
+        return StateSnapshot(breakers=breakers, kvcache=kv)
+
+    m.set_state_source(snapshot)
+    assert m.value("pixiu_kv_kvcache_lookups_total", {"outcome": "timeout"}) == 0.0
+    stats.lookups["timeout"] += 3
+    stats.actions["pin"]["ok"] += 2
+    stats.background_dropped = 4
+    stats.tokenize_calls, stats.tokenize_failures = 10, 3
+    stats.token_cache_size = 12
+    stats.breakers = {"lookup_routing": "open", "tokenize": "closed"}
+    assert m.value("pixiu_kv_kvcache_lookups_total", {"outcome": "timeout"}) == 3.0
+    assert m.value("pixiu_kv_cache_actions_total", {"action": "pin", "outcome": "ok"}) == 2.0
+    assert m.value("pixiu_kv_cache_actions_total", {"action": "evict", "outcome": "failed"}) == 0.0
+    assert m.value("pixiu_kv_background_jobs_dropped_total") == 4.0
+    assert m.value("pixiu_kv_tokenize_requests_total", {"outcome": "ok"}) == 7.0
+    assert m.value("pixiu_kv_tokenize_requests_total", {"outcome": "failed"}) == 3.0
+    assert m.value("pixiu_kv_token_cache_entries") == 12.0
+    assert m.value("pixiu_kv_circuit_breaker_state", {"breaker": "lookup_routing", "state": "open"}) == 1.0
+    assert m.value("pixiu_kv_circuit_breaker_state", {"breaker": "tokenize", "state": "closed"}) == 1.0
+
+
+@pytest.mark.parametrize("hint_endpoint, reason, used, outcome", [
+    ("e1", "kv_prefix", "e1", "cache_hit"),
+    ("e1", "kv_prefix", "e2", "preferred_unhealthy"),
+    ("e1", "kv_prefix", None, "preferred_unhealthy"),
+    (None, "no_tokens", "e2", "no_tokens"),
+    (None, "miss", "e2", "lookup_miss"),
+    (None, "timeout", "e2", "lookup_timeout"),
+    (None, "breaker_open", "e2", "breaker_open"),
+    (None, "error", "e2", "lookup_error"),
+    (None, "no_prompt", "e2", "no_preference"),
+    (None, None, "e2", "no_preference"),
+    (None, "from a newer filter", "e2", "other"),
+])
+def test_route_outcomes_from_hints(hint_endpoint: str | None, reason: str | None, used: str | None,
+                                   outcome: str) -> None:
+    assert route_outcome(hint_endpoint, reason, used) == outcome
