@@ -245,6 +245,7 @@ async def _heartbeat(
     assert settings.heartbeat_interval is not None
     sock = ctx.socket(zmq.DEALER)
     sock.connect(url)
+    warned = False
     try:
         while True:
             try:
@@ -254,9 +255,11 @@ async def _heartbeat(
                 log.warning("lmcache link: heartbeat failed: %s", exc)
             else:
                 sink.stats.heartbeats += 1
-                if reply.get("commands"):
-                    # Full sync after a controller restart is not implemented by the simulator.
+                if reply.get("commands") and not warned:
+                    # The controller asks every worker for a full sync after it starts; the
+                    # link does not implement full sync, and incremental batches still apply.
                     log.warning("lmcache link: ignoring heartbeat commands %s", reply["commands"])
+                    warned = True
             await trio.sleep(settings.heartbeat_interval)
     finally:
         close_socket(sock, linger_ms=0)
