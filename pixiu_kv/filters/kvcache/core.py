@@ -16,7 +16,7 @@ is bounded by ``request_timeout``; cancelling the spawning scope cancels them at
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,7 +25,7 @@ import trio
 
 from ...config import KvCacheConfig
 from ...context import RouteHint
-from ...hostload import HostLoadSampler
+from ...hostload import HostLoad, HostLoadSampler
 from ...upstream.lmcache import LmCacheClient, LookupResult
 from ...upstream.resilience import BreakerState, CircuitBreaker, RetryPolicy, UpstreamError
 from ...upstream.tokenizer import TokenizerClient
@@ -86,6 +86,11 @@ class KvCache:
         s.background_running = self._jobs.running
         s.breakers = {b.name: b.state.value for b in self._breakers}
         return s
+
+    @property
+    def host_load(self) -> HostLoad | None:
+        """The latest host load sample (None when not sampled: not needed, or not yet)."""
+        return self._sampler.latest if self._sampler is not None else None
 
     @property
     def evict_supported(self) -> bool | None:
@@ -187,8 +192,13 @@ def _client(base_url: str, timeout: float, pool_size: int) -> httpx.AsyncClient:
 
 @asynccontextmanager
 async def open_kvcache_core(config: KvCacheConfig, nursery: trio.Nursery, *,
-                            http_pool_size: int = DEFAULT_HTTP_POOL_SIZE) -> AsyncIterator[KvCache]:
-    """The core with its HTTP clients and host-load sampler (run in ``nursery``); closed on exit."""
+                            http_pool_size: int = DEFAULT_HTTP_POOL_SIZE,
+                            read_host_load: Callable[[], HostLoad] | None = None) -> AsyncIterator[KvCache]:
+    """The core with its HTTP clients and host-load sampler (run in ``nursery``); closed on exit.
+
+    ``read_host_load`` replaces the psutil reading (for tests and for hosts where the
+    signal should come from elsewhere).
+    """
     cb = config.circuit_breaker
 
     def breaker(name: str) -> CircuitBreaker:
@@ -205,7 +215,7 @@ async def open_kvcache_core(config: KvCacheConfig, nursery: trio.Nursery, *,
     strategy = config.cache_strategy
     needs_load = ((strategy.enable_compression and strategy.load_threshold > 0)
                   or (strategy.enable_eviction and strategy.memory_threshold > 0))
-    sampler = HostLoadSampler(config.load_sample_interval) if needs_load else None
+    sampler = HostLoadSampler(config.load_sample_interval, read_host_load) if needs_load else None
     kv = KvCache(
         config,
         tokenizer=TokenizerClient(clients[0], policy, breaker("tokenize")),
@@ -234,8 +244,8 @@ async def _run_sampler(sampler: HostLoadSampler, scope: trio.CancelScope, *,
 
 
 @asynccontextmanager
-async def open_kvcache(config: KvCacheConfig, *, http_pool_size: int = DEFAULT_HTTP_POOL_SIZE
-                       ) -> AsyncIterator[KvCache]:
+async def open_kvcache(config: KvCacheConfig, *, http_pool_size: int = DEFAULT_HTTP_POOL_SIZE,
+                       read_host_load: Callable[[], HostLoad] | None = None) -> AsyncIterator[KvCache]:
     """Embed the KV-cache core in any trio program: ``async with open_kvcache(cfg) as kv``.
 
     Then, per request, ``hint = await kv.route(body, request_nursery)``.
@@ -243,5 +253,5 @@ async def open_kvcache(config: KvCacheConfig, *, http_pool_size: int = DEFAULT_H
     if not (config.vllm_endpoint and config.lmcache_endpoint):
         raise ValueError("open_kvcache needs vllm_endpoint and lmcache_endpoint")
     async with trio.open_nursery() as nursery, open_kvcache_core(
-            config, nursery, http_pool_size=http_pool_size) as kv:
+            config, nursery, http_pool_size=http_pool_size, read_host_load=read_host_load) as kv:
         yield kv

@@ -8,13 +8,14 @@ outlive a completed response (``ctx.values["background_grace"]``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import trio
 
 from ...config import KvCacheConfig
 from ...context import RequestContext
+from ...hostload import HostLoad
 from .core import DEFAULT_HTTP_POOL_SIZE, KvCache, open_kvcache_core
 
 __all__ = ["BACKGROUND_GRACE", "KvCacheFilter", "PassThroughFilter", "open_kvcache_filter"]
@@ -33,6 +34,11 @@ class KvCacheFilter:
     def request_timeout(self) -> float:
         return self.kv.config.request_timeout
 
+    @property
+    def background_grace(self) -> float:
+        """How long the gateway should let background work finish after a response."""
+        return self.kv.config.request_timeout
+
     async def decode(self, ctx: RequestContext) -> None:
         # Before anything is spawned, so the gateway always knows the grace of started work.
         ctx.values[BACKGROUND_GRACE] = self.kv.config.request_timeout
@@ -48,6 +54,7 @@ class PassThroughFilter:
     __slots__ = ()
 
     request_timeout = 0.0
+    background_grace = 0.0
 
     async def decode(self, ctx: RequestContext) -> None:
         return None
@@ -55,11 +62,13 @@ class PassThroughFilter:
 
 @asynccontextmanager
 async def open_kvcache_filter(config: KvCacheConfig, nursery: trio.Nursery, *,
-                              http_pool_size: int = DEFAULT_HTTP_POOL_SIZE
+                              http_pool_size: int = DEFAULT_HTTP_POOL_SIZE,
+                              read_host_load: Callable[[], HostLoad] | None = None,
                               ) -> AsyncIterator[KvCacheFilter | PassThroughFilter]:
     """The decode filter; ``nursery`` is the gateway's long-lived one (host-load sampler)."""
     if not config.enabled:
         yield PassThroughFilter()
         return
-    async with open_kvcache_core(config, nursery, http_pool_size=http_pool_size) as kv:
+    async with open_kvcache_core(config, nursery, http_pool_size=http_pool_size,
+                                 read_host_load=read_host_load) as kv:
         yield KvCacheFilter(kv)

@@ -102,9 +102,9 @@ def _chat(body: Mapping[str, Any], model: str, messages: list[Any]) -> Prompt | 
         role = message.get("role")
         if not isinstance(role, str):
             return None
-        content = _render_content(message.get("content"))
-        if content.strip():
-            has_content = True
+        raw = message.get("content")
+        has_content = has_content or _has_content(raw)
+        content = _render_content(raw)
         # JSON-escaped fields contain no raw newline, so the line structure is unambiguous.
         line = _dumps(role) + ":" + content
         others = {k: v for k, v in message.items() if k not in ("role", "content")}
@@ -120,6 +120,15 @@ def _chat(body: Mapping[str, Any], model: str, messages: list[Any]) -> Prompt | 
     text = _CHAT_MARK + "\n".join(rendered) + _extras_suffix(tokenize, ("model", "messages"))
     return Prompt(kind="chat", model=model, text=text, key=prompt_key(model, text),
                   tokenize_body=tokenize)
+
+
+def _has_content(content: object) -> bool:
+    if isinstance(content, str):
+        return bool(content.strip())
+    if isinstance(content, list):
+        return any(not (isinstance(part, dict) and part.get("type") == "text")
+                   or _has_content(part.get("text")) for part in content)
+    return False
 
 
 def _render_content(content: object) -> str:
