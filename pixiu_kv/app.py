@@ -40,10 +40,13 @@ from .errors import GatewayError
 from .filters.llm_proxy import ATTEMPTS_KEY, ENDPOINT_KEY, TRIED_KEY, TTFB_KEY
 from .logs import log_event
 
-__all__ = ["CONFIG_ENV", "GatewayApp", "RunningGateway", "create_app", "hypercorn_config",
+__all__ = ["BACKGROUND_GRACE_KEY", "CONFIG_ENV", "GatewayApp", "RunningGateway", "create_app", "hypercorn_config",
            "open_gateway", "serve"]
 
 CONFIG_ENV = "PIXIU_KV_CONFIG"
+# A decode filter sets ``ctx.values[BACKGROUND_GRACE_KEY]`` (seconds) to say how long the
+# background work it started may outlive a completed response.
+BACKGROUND_GRACE_KEY = "background_grace"
 _access_log = logging.getLogger("pixiu_kv.access")
 _log = logging.getLogger("pixiu_kv.gateway")
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
@@ -266,7 +269,9 @@ class GatewayApp:
             finally:
                 nursery.cancel_scope.cancel()
         if tracker.finished:
-            ctx.background.finish(runtime.background_grace)
+            grace = ctx.values.get(BACKGROUND_GRACE_KEY)
+            ctx.background.finish(float(grace) if isinstance(grace, int | float)
+                                  else runtime.background_grace)
         else:
             ctx.background.cancel()
 

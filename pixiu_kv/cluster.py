@@ -36,6 +36,8 @@ class Endpoint:
     # The in-flight cap also bounds the connection pool so a request never queues for a slot.
     max_in_flight: int
     healthy: bool = True
+    # Drained by an operator: takes no new requests, in-flight ones finish.
+    draining: bool = False
     cooldown_until: float = -math.inf
     in_flight: int = 0
     consecutive_failures: int = 0
@@ -55,8 +57,8 @@ class Endpoint:
         return now < self.cooldown_until
 
     def available(self, now: float) -> bool:
-        """Healthy and not cooling down (whether or not it is full)."""
-        return self.healthy and not self.cooling_down(now)
+        """Healthy, not drained and not cooling down (whether or not it is full)."""
+        return self.healthy and not self.draining and not self.cooling_down(now)
 
     @property
     def full(self) -> bool:
@@ -170,10 +172,7 @@ class Cluster:
     # -- observations --------------------------------------------------------------------
 
     def record_check(self, endpoint: Endpoint, ok: bool) -> bool:
-        """Feed one health observation (active check, or a passive connect failure).
-
-        Returns True when it flipped the endpoint's health.
-        """
+        """Feed one active health check result. Returns True when it flipped the health."""
         hc = self.config.health_check
         if ok:
             endpoint.consecutive_failures = 0
@@ -188,6 +187,15 @@ class Cluster:
             endpoint.healthy = False
             return True
         return False
+
+    def record_connect_failure(self, endpoint: Endpoint) -> bool:
+        """Passive health: a refused or timed-out connection counts as a failed check.
+
+        Only while active checks run, since only they can bring the endpoint back.
+        """
+        if not self.config.health_check.enabled:
+            return False
+        return self.record_check(endpoint, False)
 
     def start_cooldown(self, endpoint: Endpoint, now: float) -> None:
         """The endpoint exhausted its attempts: leave it out of choices for a while."""

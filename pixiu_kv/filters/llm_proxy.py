@@ -156,7 +156,7 @@ class LlmProxyFilter:
                 response = await client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 # Passive health: an engine that refuses connections counts as failing checks.
-                cluster.record_check(endpoint, False)
+                cluster.record_connect_failure(endpoint)
                 return _Unreachable(endpoint.id, type(exc).__name__)
             except httpx.TransportError as exc:
                 return _Unreachable(endpoint.id, type(exc).__name__)

@@ -17,6 +17,7 @@ import psutil
 import trio
 
 from pixiu_kv.config import GatewayConfig, loads_config
+from pixiu_kv.context import RequestContext, RouteHint
 
 Scope = dict[str, Any]
 
@@ -242,3 +243,17 @@ async def wait_until(condition: Callable[[], bool], *, within: float = 10.0) -> 
 
 def client(url: str, **kwargs: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(10.0), **kwargs)
+
+
+class PreferFromBody:
+    """A decode filter standing in for the kvcache filter: prefers ``body["prefer"]``."""
+
+    def __init__(self) -> None:
+        self.seen_on_entry: list[str | None] = []
+
+    async def decode(self, ctx: RequestContext) -> None:
+        self.seen_on_entry.append(ctx.preferred_endpoint_id)
+        prefer = ctx.json.get("prefer")
+        if isinstance(prefer, str):
+            ctx.preferred_endpoint_id = prefer
+            ctx.route_hint = RouteHint(prefer, "test", matched_tokens=5, prompt_tokens=9)
