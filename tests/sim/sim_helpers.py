@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+import trio
 
 
 class RecordingSink:
@@ -30,3 +32,24 @@ class RecordingSink:
 def words(count: int, salt: str = "") -> str:
     """Distinct English-ish text: ``count`` words, each one token or two."""
     return " ".join(f"w{salt}{i}x" for i in range(count))
+
+
+def sse_events(raw: str) -> list[str]:
+    """The payloads of a complete SSE body, checking every event is exactly ``data: X\\n\\n``."""
+    assert raw.endswith("\n\n"), raw[-50:]
+    events = raw[:-2].split("\n\n")
+    payloads = []
+    for event in events:
+        assert event.startswith("data: ") and "\n" not in event, event
+        payloads.append(event[len("data: "):])
+    return payloads
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait (bounded) for a condition on in-process state another task changes.
+
+    The engine's counters are plain attributes with no event to wait on, hence the poll.
+    """
+    with trio.fail_after(within):
+        while not condition():  # noqa: ASYNC110
+            await trio.sleep(0.005)

@@ -1,0 +1,181 @@
+"""The engine's HTTP API against vLLM's shapes, on a real loopback server."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+from sim_helpers import sse_events, words
+
+from pixiu_kv.sim import SimEngine, tokenize_chat, tokenize_prompt
+
+MODEL = "sim-llama-8b"
+
+
+async def test_completion_json_shape_and_cached_tokens(client: httpx.AsyncClient) -> None:
+    body = {"model": MODEL, "prompt": words(400), "max_tokens": 5, "ignore_eos": True, "seed": 3}
+    first = (await client.post("/v1/completions", json=body)).json()
+    assert set(first) == {"id", "object", "created", "model", "choices", "usage"}
+    assert first["id"].startswith("cmpl-") and first["object"] == "text_completion"
+    assert first["model"] == MODEL
+    [choice] = first["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] == "length" and choice["logprobs"] is None
+    assert isinstance(choice["text"], str) and choice["text"]
+    prompt_tokens = len(tokenize_prompt(words(400)))
+    assert first["usage"] == {
+        "prompt_tokens": prompt_tokens, "completion_tokens": 5, "total_tokens": prompt_tokens + 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    second = (await client.post("/v1/completions", json=body)).json()
+    assert second["choices"][0]["text"] == choice["text"]
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == prompt_tokens - 1  # GPU blocks plus the LMCache tail, never the last token
+
+
+async def test_default_max_tokens_and_token_id_prompt(client: httpx.AsyncClient) -> None:
+    reply = (await client.post("/v1/completions", json={"prompt": [5, 600, 700]})).json()
+    assert reply["usage"]["completion_tokens"] == 16
+    assert reply["usage"]["prompt_tokens"] == 3
+
+
+async def test_chat_json_shape(client: httpx.AsyncClient) -> None:
+    messages = [{"role": "user", "content": "hello " * 50}]
+    reply = (await client.post("/v1/chat/completions",
+                               json={"model": MODEL, "messages": messages, "max_tokens": 3, "n": 2})).json()
+    assert reply["id"].startswith("chatcmpl-") and reply["object"] == "chat.completion"
+    assert [c["index"] for c in reply["choices"]] == [0, 1]
+    message = reply["choices"][0]["message"]
+    assert message["role"] == "assistant" and isinstance(message["content"], str)
+    assert reply["choices"][0]["message"]["content"] != reply["choices"][1]["message"]["content"]
+    assert reply["usage"]["prompt_tokens"] == len(tokenize_chat(messages))
+    assert reply["usage"]["completion_tokens"] == 6
+    assert reply["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+async def test_chat_stream_shapes(client: httpx.AsyncClient) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "tell me " * 100}], "max_tokens": 4,
+            "stream": True, "stream_options": {"include_usage": True}}
+    for attempt in range(2):
+        reply = await client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        payloads = sse_events(reply.text)
+        assert payloads[-1] == "[DONE]"
+        chunks = [json.loads(p) for p in payloads[:-1]]
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert len({c["id"] for c in chunks}) == 1
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        tokens = chunks[1:-1]
+        assert len(tokens) == 4
+        assert all(set(c["choices"][0]["delta"]) == {"content"} for c in tokens)
+        assert [c["choices"][0]["finish_reason"] for c in tokens] == [None, None, None, "length"]
+        usage = chunks[-1]
+        assert usage["choices"] == []
+        assert usage["usage"]["completion_tokens"] == 4
+        cached = usage["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert (cached > 0) == (attempt == 1)
+
+
+async def test_completion_stream_without_usage(client: httpx.AsyncClient) -> None:
+    body = {"prompt": "stream me please", "max_tokens": 3, "stream": True}
+    payloads = sse_events((await client.post("/v1/completions", json=body)).text)
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert len(chunks) == 3
+    assert all(c["object"] == "text_completion" and "usage" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    unary = (await client.post("/v1/completions", json={**body, "stream": False})).json()
+    assert unary["choices"][0]["text"] == text
+
+
+async def test_continuous_usage_stats(client: httpx.AsyncClient) -> None:
+    body = {"prompt": "count me", "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = [json.loads(p) for p in sse_events((await client.post("/v1/completions", json=body)).text)[:-1]]
+    assert [c["usage"]["completion_tokens"] for c in chunks] == [1, 2, 2]
+
+
+async def test_tokenize_both_forms_and_detokenize(client: httpx.AsyncClient) -> None:
+    completion = (await client.post("/tokenize", json={"prompt": "Hello there, world"})).json()
+    assert completion == {"count": len(tokenize_prompt("Hello there, world")), "max_model_len": 8192,
+                          "tokens": tokenize_prompt("Hello there, world"), "token_strs": None}
+    bare = (await client.post("/tokenize", json={"prompt": "Hello", "add_special_tokens": False})).json()
+    assert bare["tokens"] == tokenize_prompt("Hello", add_special_tokens=False)
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = (await client.post("/tokenize", json={"model": MODEL, "messages": messages,
+                                                  "add_generation_prompt": True})).json()
+    assert chat["tokens"] == tokenize_chat(messages)
+    # The ids /tokenize returns are exactly what the generation endpoint counts.
+    gen = (await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})).json()
+    assert gen["usage"]["prompt_tokens"] == chat["count"]
+    detok = (await client.post("/detokenize", json={"tokens": chat["tokens"][:2]})).json()
+    assert detok["prompt"].startswith("<|begin_of_text|><|start_header_id|>")
+
+
+async def test_models_health_load_and_probes(client: httpx.AsyncClient) -> None:
+    models = (await client.get("/v1/models")).json()
+    assert models["object"] == "list"
+    [card] = models["data"]
+    assert card["id"] == MODEL and card["owned_by"] == "vllm" and card["max_model_len"] == 8192
+    health = await client.get("/health")
+    assert health.status_code == 200 and health.content == b""
+    assert (await client.get("/load")).json() == {"server_load": 0}
+    info = (await client.get("/model_info")).json()
+    assert "model_path" not in info and "tokenizer_path" not in info
+    assert (await client.get("/server_info")).status_code == 200
+    assert (await client.get("/get_load")).json()["load"] == 0
+    assert (await client.post("/reset_prefix_cache")).status_code == 200
+
+
+async def test_metrics_names_and_counts(client: httpx.AsyncClient, engine: SimEngine) -> None:
+    body = {"prompt": words(300), "max_tokens": 2}
+    await client.post("/v1/completions", json=body)
+    await client.post("/v1/completions", json=body)
+    text = (await client.get("/metrics")).text
+    labels = '{engine="0",model_name="sim-llama-8b"}'
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+                 "vllm:external_prefix_cache_queries_total", "vllm:external_prefix_cache_hits_total",
+                 "vllm:prompt_tokens_cached_total", "vllm:gpu_prefix_cache_hit_rate",
+                 "vllm:gpu_cache_usage_perc", "vllm:time_to_first_token_seconds_count"):
+        assert f"{name}{labels} " in text, name
+    assert f"vllm:time_to_first_token_seconds_count{labels} 2" in text
+    hits = engine.metrics.prefix_hits + engine.metrics.external_hits
+    assert f"vllm:prompt_tokens_cached_total{labels} {float(hits)!r}" in text
+    assert hits > 0
+
+
+async def test_errors_have_vllm_shapes(client: httpx.AsyncClient) -> None:
+    not_json = await client.post("/v1/completions", content=b"prompt=x",
+                                 headers={"content-type": "application/x-www-form-urlencoded"})
+    assert not_json.status_code == 400
+    assert not_json.json()["error"]["type"] == "BadRequestError"
+    assert set(not_json.json()["error"]) == {"message", "type", "param", "code"}
+    broken = await client.post("/v1/completions", content=b"{",
+                               headers={"content-type": "application/json"})
+    assert broken.status_code == 400
+    unknown = await client.post("/v1/chat/completions",
+                                json={"model": "gpt-x", "messages": [{"role": "user", "content": "a"}]})
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["type"] == "NotFoundError" and unknown.json()["error"]["code"] == 404
+    too_long = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 10_000})
+    assert too_long.status_code == 400 and "maximum context length" in too_long.json()["error"]["message"]
+    bad_field = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": "many"})
+    assert bad_field.status_code == 400
+    assert (await client.get("/v1/completions")).status_code == 405
+    assert (await client.get("/nope")).status_code == 404
+    # The server keeps serving.
+    assert (await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})).status_code == 200
+
+
+async def test_body_size_is_bounded(engine: SimEngine) -> None:
+    import attrs
+
+    from pixiu_kv.sim import serve_engine
+
+    small = SimEngine(attrs.evolve(engine.config, max_body_bytes=1024))
+    async with serve_engine(small) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        reply = await http.post("/v1/completions", json={"prompt": "x" * 5000})
+        assert reply.status_code == 413
+        assert reply.json()["error"]["code"] == 413
