@@ -1,0 +1,84 @@
+"""Fleet process for the benchmarks: ``python -m benchmarks._fleet '<json settings>'``.
+
+Runs the simulated engines and the LMCache controller emulator (pixiu_kv.sim.fleet), and
+next to them the oracle router (it must live here: it reads the engines' memory) which also
+serves ``GET /fleet/stats``. Prints one JSON line describing the fleet, then runs until its
+stdin closes (the benchmark process went away) or it is sent SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from functools import partial
+from typing import Any, cast
+
+import httpx
+import hypercorn.config
+import hypercorn.trio
+import hypercorn.typing
+import trio
+
+from .oracle import OracleProxy, OracleRouter
+
+
+async def _stdin_closed() -> None:
+    # A thread blocks on the pipe; when the parent dies the read returns.
+    await trio.to_thread.run_sync(sys.stdin.buffer.read, abandon_on_cancel=True)
+
+
+async def _signalled() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            return
+
+
+async def _run(settings: dict[str, Any]) -> None:
+    from pixiu_kv.sim.engine_config import EngineConfig
+    from pixiu_kv.sim.fleet import open_fleet
+
+    engine_fields = dict(settings.get("engine", {}))
+    config = EngineConfig(**engine_fields)
+    count = int(settings.get("engines", 4))
+    async with open_fleet(count, config) as fleet:
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600.0, connect=10.0)) as client:
+            router = OracleRouter([e.engine for e in fleet.engines])
+            proxy = OracleProxy(router, fleet.urls, client)
+            hc = hypercorn.config.Config()
+            hc.bind = ["127.0.0.1:0"]
+            hc.accesslog = None
+            hc.errorlog = None
+            hc.graceful_timeout = 1.0
+            hc.keep_alive_max_requests = 1_000_000
+            hc.read_timeout = None
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                binds: list[str] = await nursery.start(partial(
+                    hypercorn.trio.serve, cast(hypercorn.typing.ASGIFramework, proxy), hc,
+                    shutdown_trigger=stop.wait))
+                print(json.dumps({
+                    "engines": [{"id": e.instance_id, "url": e.url} for e in fleet.engines],
+                    "controller_url": fleet.controller_url,
+                    "oracle_url": binds[0],
+                    "model": config.model,
+                }), flush=True)
+                async with trio.open_nursery() as waiters:
+                    async def first(fn: Any) -> None:
+                        await fn()
+                        waiters.cancel_scope.cancel()
+
+                    waiters.start_soon(first, _stdin_closed)
+                    waiters.start_soon(first, _signalled)
+                stop.set()
+
+
+def main(argv: list[str]) -> int:
+    settings = json.loads(argv[0]) if argv else {}
+    trio.run(_run, settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,60 @@
+"""Gateway process for the benchmarks: ``python -m benchmarks._gateway '<json config>'``.
+
+The JSON is the gateway configuration as decoded TOML would be (``parse_config``). Serves
+it with hypercorn on 127.0.0.1 and a free port, prints ``{"url": ...}`` as one line, and
+runs until its stdin closes or it is sent SIGTERM/SIGINT. A separate process so that its
+CPU time and memory can be measured on its own, and it does not share a core's event loop
+with the load generator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from functools import partial
+from typing import Any
+
+import trio
+
+
+async def _stdin_closed() -> None:
+    await trio.to_thread.run_sync(sys.stdin.buffer.read, abandon_on_cancel=True)
+
+
+async def _signalled() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            return
+
+
+async def _run(data: dict[str, Any]) -> None:
+    from pixiu_kv.app import serve
+    from pixiu_kv.config import parse_config
+
+    config = parse_config(data)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(partial(serve, config, host="127.0.0.1", port=0,
+                                              shutdown_trigger=stop.wait))
+        print(json.dumps({"url": running.url}), flush=True)
+        async with trio.open_nursery() as waiters:
+            async def first(fn: Any) -> None:
+                await fn()
+                waiters.cancel_scope.cancel()
+
+            waiters.start_soon(first, _stdin_closed)
+            waiters.start_soon(first, _signalled)
+        stop.set()
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    data = json.loads(argv[0]) if argv else {}
+    trio.run(_run, data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
