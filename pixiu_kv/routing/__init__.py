@@ -1,0 +1,36 @@
+"""Routing: which endpoint serves a request, from cache knowledge and load in one cost.
+
+Pure and synchronous: the kvcache filter and the LLM proxy own all I/O and call
+:class:`Router` (``decide`` on the request path, ``on_first_byte`` / ``on_complete`` /
+``on_failure`` as the response goes). See ``docs/routing.md``.
+"""
+
+from ._blocks import BlockSchedule, PrefixKeys
+from ._cost import PrefillLearner, PrefillQueue
+from ._hot import HotPlacement, HotPrefixes
+from ._prefix_index import PrefixIndex
+from ._router import LearnedCost, Router, RouterStats
+from ._session import SessionRing, stable_hash
+from ._types import CostLine, Decision, EndpointView, Reason
+from .config import RoutingConfig, read_routing_config
+
+__all__ = [
+    "BlockSchedule",
+    "CostLine",
+    "Decision",
+    "EndpointView",
+    "HotPlacement",
+    "HotPrefixes",
+    "LearnedCost",
+    "PrefillLearner",
+    "PrefillQueue",
+    "PrefixIndex",
+    "PrefixKeys",
+    "Reason",
+    "Router",
+    "RouterStats",
+    "RoutingConfig",
+    "SessionRing",
+    "read_routing_config",
+    "stable_hash",
+]

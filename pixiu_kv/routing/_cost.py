@@ -1,0 +1,129 @@
+"""Per-endpoint time model: queued prefill work, and a learned prefill cost per token.
+
+Everything is in seconds. An endpoint's predicted time to first token for a prompt is
+
+    queue (its own predicted prefill work not yet drained)
+  + running_request_cost x requests in flight   (decodes share the GPU with prefills)
+  + base + per_token x uncached tokens            (learned online from observed TTFTs)
+  + cached load cost x cached tokens              (moving cached KV in is not free)
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["PrefillLearner", "PrefillQueue"]
+
+# The prior stays in the fit as this many pseudo-observations (two points on the prior
+# line), so a slope that the data cannot identify (all prompts the same size) falls back to it.
+_PRIOR_WEIGHT = 0.1
+_PRIOR_TOKENS = 1024.0
+# The learned per-token cost stays within this factor of the prior: a broken clock or a
+# pathological burst must not make an endpoint look free or unusable for ever.
+_SLOPE_RANGE = 100.0
+_MAX_BASE = 30.0
+# Residuals beyond this many mean absolute residuals are clipped (outliers: GC pauses,
+# preemptions, network hiccups).
+_CLIP = 3.0
+
+
+class PrefillLearner:
+    """Exponentially weighted least squares of ``ttft_work = base + per_token x tokens``.
+
+    Robust: each sample's residual is clipped to a few mean absolute residuals before it
+    enters the fit, and the result is bounded around the prior. O(1) per sample.
+    """
+
+    __slots__ = ("_decay", "_prior_base", "_prior_slope", "_scale", "_sw", "_sx", "_sxx", "_sxy",
+                 "_sy", "base", "per_token", "samples")
+
+    def __init__(self, per_token: float, base: float, learning_rate: float = 0.05) -> None:
+        if not per_token > 0 or base < 0 or not 0 < learning_rate <= 1:
+            raise ValueError("need per_token > 0, base >= 0, 0 < learning_rate <= 1")
+        self._prior_slope = per_token
+        self._prior_base = base
+        self._decay = 1.0 - learning_rate
+        self._sw = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self._scale = -1.0  # mean absolute residual; < 0 until the first sample
+        self.per_token = per_token
+        self.base = base
+        self.samples = 0
+
+    def predict(self, tokens: float) -> float:
+        return self.base + self.per_token * tokens
+
+    def learn(self, tokens: float, seconds: float) -> None:
+        """One observation: ``seconds`` of prefill for ``tokens`` uncached tokens."""
+        if not (math.isfinite(seconds) and math.isfinite(tokens)) or tokens < 0:
+            return
+        predicted = self.predict(tokens)
+        floor = max(0.1 * predicted, 1e-3)
+        scale = max(self._scale if self._scale >= 0 else 0.5 * predicted, floor)
+        residual = min(max(seconds - predicted, -_CLIP * scale), _CLIP * scale)
+        self._scale = 0.9 * scale + 0.1 * abs(residual) if self._scale >= 0 else abs(residual)
+        y = max(predicted + residual, 0.0)
+        d = self._decay
+        self._sw = self._sw * d + 1.0
+        self._sx = self._sx * d + tokens
+        self._sy = self._sy * d + y
+        self._sxx = self._sxx * d + tokens * tokens
+        self._sxy = self._sxy * d + tokens * y
+        self.samples += 1
+        self._fit()
+
+    def _fit(self) -> None:
+        # Data sums plus the prior line's two points (x=0 and x=_PRIOR_TOKENS) at fixed weight.
+        w0 = _PRIOR_WEIGHT / 2
+        y_ref = self._prior_base + self._prior_slope * _PRIOR_TOKENS
+        sw = self._sw + 2 * w0
+        sx = self._sx + w0 * _PRIOR_TOKENS
+        sy = self._sy + w0 * (self._prior_base + y_ref)
+        sxx = self._sxx + w0 * _PRIOR_TOKENS * _PRIOR_TOKENS
+        sxy = self._sxy + w0 * _PRIOR_TOKENS * y_ref
+        denominator = sw * sxx - sx * sx
+        if denominator <= 0:
+            return
+        slope = (sw * sxy - sx * sy) / denominator
+        slope = min(max(slope, self._prior_slope / _SLOPE_RANGE), self._prior_slope * _SLOPE_RANGE)
+        base = (sy - slope * sx) / sw
+        self.per_token = slope
+        self.base = min(max(base, 0.0), _MAX_BASE)
+
+
+class PrefillQueue:
+    """Predicted prefill work routed to one endpoint and not yet done, in seconds.
+
+    Work is added when a request is routed (so a burst sees its own decisions), drains at
+    one second per second (the engine works), and leaves for good when the request's first
+    byte arrives or it ends. ``outstanding`` counts routed requests not yet ended.
+    """
+
+    __slots__ = ("_backlog", "_pending", "_since", "outstanding")
+
+    def __init__(self) -> None:
+        self._backlog = 0.0
+        self._pending = 0.0
+        self._since = -math.inf
+        self.outstanding = 0
+
+    def backlog(self, now: float) -> float:
+        if now > self._since:
+            if self._backlog > 0:
+                self._backlog = max(0.0, self._backlog - (now - self._since))
+            self._since = now
+        return self._backlog
+
+    def add(self, work: float, now: float) -> None:
+        self.backlog(now)
+        self._backlog += work
+        self._pending += work
+        self.outstanding += 1
+
+    def prefilled(self, work: float, now: float) -> None:
+        """A routed request's prefill is over: its work cannot still be queued."""
+        self.backlog(now)
+        self._pending = max(0.0, self._pending - work)
+        self._backlog = min(self._backlog, self._pending)
+
+    def ended(self) -> None:
+        self.outstanding = max(0, self.outstanding - 1)

@@ -1,0 +1,152 @@
+"""Hot prefixes: prompt prefixes too popular for one engine, placed on several.
+
+A prefix is identified by the block key at the end of the deepest match a request finds
+(the shared system prompt or document everyone's requests start with). Its popularity is
+its share of recent requests (exponentially decayed over ``window`` seconds). One engine's
+fair share of traffic is ``1 / n`` of it with ``n`` eligible engines; a prefix gets one
+replica per ``threshold`` fair shares it draws: ``replicas = ceil(share x n / threshold)``.
+Replicas are kept stable (added when popularity grows, the least loaded first; dropped
+when it falls) so that pins through LMCache stay meaningful.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+import attrs
+
+__all__ = ["HotPlacement", "HotPrefixes"]
+
+
+@attrs.frozen(slots=True)
+class HotPlacement:
+    """Keep ``tokens`` (a prompt prefix) cached on ``endpoint_id``: pin it through LMCache."""
+
+    key: int
+    endpoint_id: str
+    tokens: tuple[int, ...] = attrs.field(repr=False)
+    share: float
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def chunk_aligned(self, chunk_size: int = 256) -> tuple[int, ...]:
+        """The prefix cut to whole LMCache chunks (only whole chunks are stored or pinned)."""
+        return self.tokens[: len(self.tokens) // chunk_size * chunk_size]
+
+
+@attrs.define(slots=True)
+class _Heat:
+    count: float
+    since: float
+    length: int
+    # Set once the prefix is hot: its tokens (for pinning) and the engines chosen for it.
+    tokens: tuple[int, ...] | None = None
+    replicas: list[str] = attrs.field(factory=list)
+
+
+class HotPrefixes:
+    """Decayed request counts per prefix key, bounded; O(1) per request."""
+
+    __slots__ = ("_hot", "_max_hot", "_max_tracked", "_min_requests", "_threshold", "_total",
+                 "_total_since", "_tracked", "_window", "fleet_size")
+
+    def __init__(self, *, window: float, threshold: float, min_requests: float, max_hot: int) -> None:
+        self._window = window
+        self._threshold = threshold
+        self._min_requests = min_requests
+        self._max_hot = max_hot
+        self._max_tracked = max(64, 16 * max_hot)
+        self._tracked: OrderedDict[int, _Heat] = OrderedDict()
+        self._hot: set[int] = set()
+        self._total = 0.0
+        self._total_since = 0.0
+        self.fleet_size = 1
+
+    def _decay(self, since: float, now: float) -> float:
+        return math.exp(-(now - since) / self._window) if now > since else 1.0
+
+    def count_request(self, now: float) -> None:
+        """Every routed request with tokens counts in the total (the share's denominator)."""
+        self._total = self._total * self._decay(self._total_since, now) + 1.0
+        self._total_since = max(now, self._total_since)
+
+    def note(self, key: int, length: int, now: float) -> int:
+        """A request uses prefix ``key`` of ``length`` tokens: replicas it should have now."""
+        heat = self._tracked.get(key)
+        if heat is None:
+            heat = _Heat(count=0.0, since=now, length=length)
+            self._tracked[key] = heat
+            if len(self._tracked) > self._max_tracked:
+                old_key, _old = self._tracked.popitem(last=False)
+                self._hot.discard(old_key)
+        else:
+            self._tracked.move_to_end(key)
+        heat.count = heat.count * self._decay(heat.since, now) + 1.0
+        heat.since = max(now, heat.since)
+        return self._wanted(heat, now)
+
+    def _wanted(self, heat: _Heat, now: float) -> int:
+        count = heat.count * self._decay(heat.since, now)
+        if count < self._min_requests:
+            return 1
+        total = self._total * self._decay(self._total_since, now)
+        share = min(count / total, 1.0) if total > 0 else 0.0
+        n = self.fleet_size
+        return max(1, min(n, math.ceil(share * n / self._threshold - 1e-9)))
+
+    def share(self, key: int, now: float) -> float:
+        heat = self._tracked.get(key)
+        total = self._total * self._decay(self._total_since, now)
+        if heat is None or total <= 0:
+            return 0.0
+        return min(heat.count * self._decay(heat.since, now) / total, 1.0)
+
+    def replicas(self, key: int, wanted: int, tokens: tuple[int, ...], eligible: Iterable[str],
+                 holders: Iterable[str], load_of: Callable[[str], float]) -> list[str]:
+        """The engines that serve hot prefix ``key``: kept ones first, then real holders, then
+        the least loaded (by ``load_of``), up to ``wanted``. Empty when the prefix is not hot."""
+        heat = self._tracked.get(key)
+        if heat is None or wanted < 2:
+            if heat is not None and heat.replicas:
+                heat.replicas.clear()
+                heat.tokens = None
+                self._hot.discard(key)
+            return []
+        if key not in self._hot:
+            if len(self._hot) >= self._max_hot:
+                return []
+            self._hot.add(key)
+        if heat.tokens is None:
+            heat.tokens = tokens[: heat.length]
+        usable = set(eligible)
+        chosen = [e for e in heat.replicas if e in usable][:wanted]
+        for endpoint_id in holders:
+            if len(chosen) >= wanted:
+                break
+            if endpoint_id in usable and endpoint_id not in chosen:
+                chosen.append(endpoint_id)
+        if len(chosen) < wanted:
+            rest = sorted((e for e in usable if e not in chosen), key=lambda e: (load_of(e), e))
+            chosen.extend(rest[: wanted - len(chosen)])
+        heat.replicas = chosen
+        return chosen
+
+    def placements(self, now: float) -> list[HotPlacement]:
+        """Where each currently hot prefix should be kept; cold ones are dropped here."""
+        out: list[HotPlacement] = []
+        for key in sorted(self._hot):
+            heat = self._tracked[key]
+            wanted = self._wanted(heat, now)
+            if wanted < 2 or heat.tokens is None:
+                heat.replicas.clear()
+                heat.tokens = None
+                self._hot.discard(key)
+                continue
+            share = self.share(key, now)
+            out.extend(HotPlacement(key=key, endpoint_id=e, tokens=heat.tokens, share=share)
+                       for e in heat.replicas[:wanted])
+        return out

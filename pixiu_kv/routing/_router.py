@@ -1,0 +1,361 @@
+"""The router: one decision per request, from cache knowledge and load, in one cost.
+
+    tokens --> block keys --> local index match --+
+    LMCache /lookup (optional) -------------------+--> matched tokens per endpoint
+    endpoints (health, in-flight) + reservations ---> queue, load, overload guard
+    hot prefix tracker ---------------------------> replicas of a popular prefix
+    per endpoint: predicted TTFT = queue + running + base + per_token x uncached + cached load
+    winner = argmin (ties: load, then a per-prompt hash of the id); session hash if no signal
+
+The decision reserves its predicted prefill work on the chosen endpoint at once, so the
+next decision of a burst sees it; callbacks release it and teach the per-endpoint costs.
+Pure: no I/O and no clock of its own (``now`` comes from the caller); not thread-safe (one
+trio thread owns it).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter, OrderedDict
+from collections.abc import Mapping, Sequence
+
+import attrs
+
+from ._blocks import BlockSchedule, PrefixKeys
+from ._cost import PrefillLearner, PrefillQueue
+from ._hot import HotPlacement, HotPrefixes
+from ._prefix_index import PrefixIndex
+from ._session import SessionRing, stable_hash
+from ._types import CostLine, Decision, EndpointView, Reason
+from .config import RoutingConfig
+
+__all__ = ["LearnedCost", "Router", "RouterStats"]
+
+# Predicted times closer than this are a tie (then load, then the id hash decide).
+_COST_RESOLUTION = 0.001
+_SHOWN_COSTS = 4
+
+
+@attrs.frozen(slots=True)
+class LearnedCost:
+    endpoint_id: str
+    prefill_tokens_per_second: float
+    base_latency: float
+    samples: int
+    queued_seconds: float
+    outstanding: int
+
+
+@attrs.frozen(slots=True)
+class RouterStats:
+    decisions: Mapping[str, int]
+    pending: int
+    index_entries: int
+    hot_prefixes: int
+    corrections: int
+    endpoints: tuple[LearnedCost, ...]
+
+
+class _EndpointState:
+    __slots__ = ("learner", "queue")
+
+    def __init__(self, learner: PrefillLearner) -> None:
+        self.learner = learner
+        self.queue = PrefillQueue()
+
+
+class _Pending:
+    __slots__ = ("created", "endpoint_id", "keys", "load", "matched", "prefilled", "prior",
+                 "prompt_tokens", "queued", "ttft", "work")
+
+    def __init__(self, endpoint_id: str, work: float, queued: float, load: int, matched: int,
+                 prompt_tokens: int, keys: PrefixKeys | None, prior: list[float], created: float) -> None:
+        self.endpoint_id = endpoint_id
+        self.work = work
+        self.queued = queued
+        self.load = load
+        self.matched = matched
+        self.prompt_tokens = prompt_tokens
+        self.keys = keys
+        self.prior = prior
+        self.created = created
+        self.ttft: float | None = None
+        self.prefilled = False
+
+
+class Router:
+    """Decides which endpoint serves a request. See the module docstring for the pipeline."""
+
+    def __init__(self, config: RoutingConfig | None = None) -> None:
+        cfg = config or RoutingConfig()
+        self._cfg = cfg
+        self._schedule = BlockSchedule(cfg.block_size, cfg.max_block_size)
+        self._index = (PrefixIndex(cfg.max_index_entries, self._schedule, cfg.index_ttl)
+                       if cfg.prefix_index else None)
+        self._hot = (HotPrefixes(window=cfg.hot_window, threshold=cfg.hot_threshold,
+                                 min_requests=cfg.hot_min_requests, max_hot=cfg.max_hot_prefixes)
+                     if cfg.hot_spread else None)
+        self._ring = SessionRing()
+        self._states: dict[str, _EndpointState] = {}
+        self._id_hashes: dict[str, int] = {}
+        self._pending: OrderedDict[int, _Pending] = OrderedDict()
+        self._handles = itertools.count(1)
+        self._clock = 0.0
+        self._decisions: Counter[str] = Counter()
+        self._corrections = 0
+        self._cached_cost = 1.0 / cfg.cached_tokens_per_second
+
+    @property
+    def config(self) -> RoutingConfig:
+        return self._cfg
+
+    @property
+    def index(self) -> PrefixIndex | None:
+        return self._index
+
+    def prefix_keys(self, tokens: Sequence[int]) -> PrefixKeys:
+        """The prompt's block keys: cache them with the tokens to save the hashing next time."""
+        return self._schedule.keys(tokens)
+
+    def _state(self, view: EndpointView) -> _EndpointState:
+        state = self._states.get(view.id)
+        if state is None:
+            cfg = self._cfg
+            state = _EndpointState(PrefillLearner(
+                per_token=1.0 / (cfg.prefill_tokens_per_second * view.weight),
+                base=cfg.base_latency, learning_rate=cfg.learning_rate))
+            self._states[view.id] = state
+            self._id_hashes[view.id] = stable_hash(view.id)
+        return state
+
+    # -- the decision ----------------------------------------------------------------
+
+    def decide(self, endpoints: Sequence[EndpointView], tokens: Sequence[int] | PrefixKeys | None,
+               lookup: Mapping[str, int] | None, session_key: str | None, now: float) -> Decision:
+        """Pick an endpoint for a request and reserve its predicted work there.
+
+        ``tokens``: the prompt's token ids (or their :meth:`prefix_keys`), None if unknown.
+        ``lookup``: LMCache's answer, instance id -> matched tokens (None: no answer).
+        ``session_key``: the ``x-session-id`` header or the body's ``user`` field, if any.
+        """
+        cfg = self._cfg
+        if now > self._clock:
+            self._clock = now
+        self._expire(now)
+
+        keys: PrefixKeys | None = None
+        prompt_tokens = 0
+        if isinstance(tokens, PrefixKeys):
+            keys = tokens
+            prompt_tokens = keys.length
+        elif tokens is not None:
+            if self._index is not None or self._hot is not None:
+                keys = self._schedule.keys(tokens)
+            prompt_tokens = len(tokens)
+
+        matched = self._index.match(keys, now) if self._index is not None and keys is not None else {}
+        if lookup:
+            for instance_id, count in lookup.items():
+                count = min(count, prompt_tokens) if prompt_tokens else count
+                if count > matched.get(instance_id, 0):
+                    matched[instance_id] = count
+
+        # Eligible endpoints: healthy and not full (counting requests routed but not yet
+        # seen in flight by the proxy: a burst must not overrun max_in_flight).
+        ratio = cfg.overload_in_flight_ratio
+        max_queue = cfg.overload_queue_time
+        rows: list[tuple[EndpointView, _EndpointState, float, int, bool]] = []
+        for view in endpoints:
+            if not view.healthy:
+                continue
+            state = self._states.get(view.id) or self._state(view)
+            load = max(view.in_flight, state.queue.outstanding)
+            if load >= view.max_in_flight:
+                continue
+            queued = state.queue.backlog(now)
+            rows.append((view, state, queued, load, load >= ratio * view.max_in_flight or queued > max_queue))
+        if not rows:
+            self._decisions["no-endpoint"] += 1
+            return Decision(endpoint_id=None, reason="no-endpoint", matched_tokens=0,
+                            prompt_tokens=prompt_tokens)
+
+        # Hot prefix: the deepest prefix anyone holds, if popular, gets replicas.
+        replicas: list[str] = []
+        hot_tokens = 0
+        best_real = max(matched.values(), default=0)
+        if self._hot is not None and keys is not None:
+            self._hot.count_request(now)
+            if best_real >= cfg.hot_min_tokens:
+                block = keys.block_at(best_real)
+                if block >= 0:
+                    hot_tokens = keys.ends[block]
+                    self._hot.fleet_size = len(rows)
+                    wanted = self._hot.note(keys.keys[block], hot_tokens, now)
+                    loads = {row[0].id: row[2] + cfg.running_request_cost * row[3] for row in rows}
+                    replicas = self._hot.replicas(
+                        keys.keys[block], wanted, keys.tokens,
+                        eligible=(row[0].id for row in rows if not row[4]),
+                        holders=(e for e, n in matched.items() if n >= hot_tokens),
+                        load_of=loads.__getitem__)
+
+        salt = (keys.keys[-1] if keys is not None and keys.keys
+                else stable_hash(session_key) if session_key else 0)
+        per_cached = self._cached_cost
+        running = cfg.running_request_cost
+        # (rank, ttft, effective match, row); the rank orders, the rest explains.
+        scored: list[tuple[tuple[float, int, int], float, int, int]] = []
+        best_eligible_real = 0
+        for i, (view, state, queued, load, overloaded) in enumerate(rows):
+            real = 0 if overloaded else matched.get(view.id, 0)
+            if real > best_eligible_real:
+                best_eligible_real = real
+            effective = max(real, hot_tokens) if replicas and view.id in replicas else real
+            learner = state.learner
+            ttft = (queued + running * load + learner.base
+                    + learner.per_token * (prompt_tokens - effective) + per_cached * effective)
+            tie = hash((self._id_hashes[view.id], salt))
+            rank = ((ttft // _COST_RESOLUTION, load, tie) if cfg.cost_model
+                    else (-effective, load, tie))
+            scored.append((rank, ttft, effective, i))
+
+        reason: Reason
+        winner = min(scored)
+        if (best_eligible_real == 0 and not replicas and session_key and cfg.session_affinity):
+            loads_by_id = {row[0].id: row[3] for row in rows if not row[4]}
+            picked = self._ring.pick(session_key, [(v.id, v.weight) for v in endpoints], loads_by_id,
+                                     cfg.session_load_factor)
+            if picked is not None:
+                winner = next(s for s in scored if rows[s[3]][0].id == picked)
+                reason = "session"
+            else:
+                reason = "load"
+        else:
+            view_w = rows[winner[3]][0]
+            real_w = 0 if rows[winner[3]][4] else matched.get(view_w.id, 0)
+            if replicas and view_w.id in replicas and real_w < hot_tokens:
+                reason = "hot-spread"
+            elif real_w > 0 and real_w >= best_eligible_real:
+                reason = "cache"
+            elif replicas and view_w.id in replicas and real_w > 0:
+                reason = "hot-spread"
+            else:
+                reason = "load"
+
+        _, ttft_w, _, row_w = winner
+        view, state, queued, load, _overloaded = rows[row_w]
+        real_matched = min(matched.get(view.id, 0), prompt_tokens) if prompt_tokens else 0
+        work = state.learner.per_token * (prompt_tokens - real_matched) + per_cached * real_matched
+        state.queue.add(work, now)
+        prior = (self._index.record(view.id, keys, now)
+                 if self._index is not None and keys is not None else [])
+        handle = next(self._handles)
+        self._pending[handle] = _Pending(view.id, work, queued, load, real_matched, prompt_tokens,
+                                         keys, prior, now)
+        if len(self._pending) > cfg.max_pending:
+            self._drop(next(iter(self._pending)))
+        self._decisions[reason] += 1
+
+        shown = sorted(scored, key=lambda s: s[1])[:_SHOWN_COSTS]
+        costs = tuple(CostLine(endpoint_id=rows[s[3]][0].id, predicted_ttft=s[1],
+                               matched_tokens=s[2], load=rows[s[3]][3], overloaded=rows[s[3]][4])
+                      for s in shown)
+        return Decision(endpoint_id=view.id, reason=reason, matched_tokens=real_matched,
+                        prompt_tokens=prompt_tokens, costs=costs, reservation=handle,
+                        predicted_ttft=ttft_w)
+
+    # -- feedback --------------------------------------------------------------------
+
+    def on_first_byte(self, decision: Decision, ttft: float) -> None:
+        """The response's first byte arrived ``ttft`` seconds after the decision (streams only:
+        a non-streamed response's first byte comes after the whole generation)."""
+        pending = self._pending.get(decision.reservation)
+        if pending is None or pending.prefilled:
+            return
+        pending.ttft = max(0.0, ttft)
+        pending.prefilled = True
+        state = self._states.get(pending.endpoint_id)
+        if state is not None:
+            state.queue.prefilled(pending.work, pending.created + pending.ttft)
+
+    def on_complete(self, decision: Decision, cached_tokens: int | None, prompt_tokens: int | None,
+                    now: float | None = None) -> None:
+        """The request ended well; ``cached_tokens`` and ``prompt_tokens`` from the engine's
+        ``usage`` (``prompt_tokens_details.cached_tokens``), None when it did not report them."""
+        pending = self._pending.pop(decision.reservation, None)
+        if pending is None:
+            return
+        now = self._clock if now is None else now
+        state = self._release(pending, now)
+        total = prompt_tokens if prompt_tokens is not None and prompt_tokens > 0 else pending.prompt_tokens
+        cached = (min(max(cached_tokens, 0), total) if cached_tokens is not None
+                  else min(pending.matched, total))
+        if state is not None and pending.ttft is not None:
+            cfg = self._cfg
+            prefill_seconds = (pending.ttft - pending.queued - cfg.running_request_cost * pending.load
+                               - self._cached_cost * cached)
+            state.learner.learn(total - cached, prefill_seconds)
+        if cached_tokens is not None and self._index is not None and pending.keys is not None:
+            if self._index.observe(pending.endpoint_id, pending.keys, cached_tokens, now,
+                                   prior=pending.prior):
+                self._corrections += 1
+
+    def on_failure(self, decision: Decision, now: float | None = None) -> None:
+        """The request failed or was abandoned: release it; the engine did not keep the part of
+        the prompt it did not already hold."""
+        pending = self._pending.pop(decision.reservation, None)
+        if pending is None:
+            return
+        self._release(pending, self._clock if now is None else now)
+        if self._index is not None and pending.keys is not None:
+            kept = pending.keys.ends[len(pending.prior) - 1] if pending.prior else 0
+            self._index.discard(pending.endpoint_id, pending.keys, kept)
+
+    def _release(self, pending: _Pending, now: float) -> _EndpointState | None:
+        state = self._states.get(pending.endpoint_id)
+        if state is not None:
+            if not pending.prefilled:
+                pending.prefilled = True
+                state.queue.prefilled(pending.work, now)
+            state.queue.ended()
+        return state
+
+    def _drop(self, handle: int) -> None:
+        pending = self._pending.pop(handle)
+        self._release(pending, self._clock)
+
+    def _expire(self, now: float) -> None:
+        # Callbacks that never came (a bug upstream, a lost task) must not hold work for ever.
+        horizon = now - self._cfg.reservation_timeout
+        while self._pending:
+            handle, pending = next(iter(self._pending.items()))
+            if pending.created >= horizon:
+                break
+            self._drop(handle)
+
+    # -- hot prefixes and housekeeping -----------------------------------------------
+
+    def hot_placements(self, now: float | None = None) -> list[HotPlacement]:
+        """Where hot prefixes should be kept (pin them through LMCache); cold ones are omitted."""
+        if self._hot is None:
+            return []
+        return self._hot.placements(self._clock if now is None else now)
+
+    def forget_endpoint(self, endpoint_id: str) -> None:
+        """An endpoint restarted or left: it holds nothing, and its learned costs are void."""
+        if self._index is not None:
+            self._index.forget(endpoint_id)
+        self._states.pop(endpoint_id, None)
+
+    def stats(self) -> RouterStats:
+        return RouterStats(
+            decisions=dict(self._decisions),
+            pending=len(self._pending),
+            index_entries=len(self._index) if self._index is not None else 0,
+            hot_prefixes=len(self.hot_placements()),
+            corrections=self._corrections,
+            endpoints=tuple(
+                LearnedCost(endpoint_id=e, prefill_tokens_per_second=1.0 / s.learner.per_token,
+                            base_latency=s.learner.base, samples=s.learner.samples,
+                            queued_seconds=s.queue.backlog(self._clock), outstanding=s.queue.outstanding)
+                for e, s in sorted(self._states.items())),
+        )

@@ -1,0 +1,149 @@
+"""Routing configuration: every capability of the router can be switched on or off alone.
+
+Mounted in the kvcache filter's configuration as the ``[http_filters.config.routing]`` table
+(see :func:`read_routing_config`). Defaults are the recommended production settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from .._config_parse import FieldError, Table
+
+__all__ = ["RoutingConfig", "read_routing_config"]
+
+
+def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise FieldError(attribute.name, value, "must be greater than 0")
+
+
+def _non_negative(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value >= 0:
+        raise FieldError(attribute.name, value, "must be >= 0")
+
+
+def _ratio(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise FieldError(attribute.name, value, "is outside (0, 1]")
+
+
+def _block_size(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    # Engines cache whole blocks of a power-of-two size (vLLM: 16, LMCache chunks: 256); a
+    # boundary that is not a multiple of the engine's block can never match its cache.
+    if value < 1 or value > 4096 or value & (value - 1):
+        raise FieldError(attribute.name, value, "must be a power of two in [1, 4096]")
+
+
+def _tokenizer_pairs(_: object, attribute: attrs.Attribute[Any],
+                     value: tuple[tuple[str, str], ...]) -> None:
+    models = [model for model, _path in value]
+    if len(set(models)) != len(models):
+        raise FieldError(attribute.name, models, "names a model twice")
+    for model, path in value:
+        if not model or not path:
+            raise FieldError(attribute.name, (model, path), "needs a model name and a file path")
+
+
+@attrs.frozen(slots=True)
+class RoutingConfig:
+    """How the router decides. Times are seconds, work is tokens.
+
+    * ``prefix_index``: the local index of which prompt prefixes each endpoint holds, used
+      when LMCache has no answer (first sight of a prompt, controller down, GPU-only cache).
+      Prefixes are cut into blocks of ``block_size`` tokens near the start of a prompt and
+      growing blocks further on (never more than ``max_block_size``), so a 4k-token prompt
+      costs ~80 hashes instead of 256 while a match is still exact to 1/32 of its length.
+    * ``cost_model``: one predicted time-to-first-token per endpoint (queued prefill +
+      uncached prefill + cached load + running requests), learned online per endpoint from
+      the priors below. Off: the least-loaded eligible endpoint among the best cache matches.
+    * ``overload_*``: an endpoint at ``overload_in_flight_ratio`` of its ``max_in_flight`` or
+      with more than ``overload_queue_time`` of predicted queued prefill gets no cache credit.
+    * ``hot_spread``: a prefix whose share of traffic exceeds ``hot_threshold`` of one
+      endpoint's fair share is placed on more endpoints (one more per threshold's worth).
+    * ``session_affinity``: without any cache signal, requests with the same session key (the
+      ``session_header`` header, else the body's ``user``) go to the same endpoint by
+      consistent hashing, bounded to ``session_load_factor`` x the mean load.
+    """
+
+    prefix_index: bool = True
+    max_index_entries: int = attrs.field(default=200_000, validator=_positive)
+    block_size: int = attrs.field(default=16, validator=_block_size)
+    max_block_size: int = attrs.field(default=256, validator=_block_size)
+    # Endpoints' engine caches whose entries were not refreshed for this long are assumed gone.
+    index_ttl: float = attrs.field(default=1800.0, validator=_positive)
+
+    cost_model: bool = True
+    prefill_tokens_per_second: float = attrs.field(default=8000.0, validator=_positive)
+    cached_tokens_per_second: float = attrs.field(default=400_000.0, validator=_positive)
+    base_latency: float = attrs.field(default=0.02, validator=_non_negative)
+    running_request_cost: float = attrs.field(default=0.002, validator=_non_negative)
+    learning_rate: float = attrs.field(default=0.05, validator=_ratio)
+
+    overload_in_flight_ratio: float = attrs.field(default=0.85, validator=_ratio)
+    overload_queue_time: float = attrs.field(default=2.0, validator=_positive)
+
+    hot_spread: bool = True
+    hot_threshold: float = attrs.field(default=1.0, validator=_positive)
+    hot_window: float = attrs.field(default=30.0, validator=_positive)
+    hot_min_requests: float = attrs.field(default=8.0, validator=_positive)
+    hot_min_tokens: int = attrs.field(default=256, validator=_positive)
+    max_hot_prefixes: int = attrs.field(default=64, validator=_positive)
+
+    session_affinity: bool = True
+    session_header: str = "x-session-id"
+    session_load_factor: float = attrs.field(default=1.25, validator=attrs.validators.ge(1.0))
+
+    max_pending: int = attrs.field(default=65_536, validator=_positive)
+    reservation_timeout: float = attrs.field(default=600.0, validator=_positive)
+
+    # Optional local tokenizers, ``[[...routing.tokenizers]]`` tables of ``model`` and ``path``:
+    # a Hugging Face ``tokenizer.json``, or ``builtin:sim`` for the simulator's tokenizer.
+    tokenizers: tuple[tuple[str, str], ...] = attrs.field(default=(), validator=_tokenizer_pairs)
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_block_size < self.block_size:
+            raise FieldError("max_block_size", self.max_block_size,
+                             f"is smaller than block_size ({self.block_size})")
+        if not self.session_header or self.session_header != self.session_header.lower():
+            raise FieldError("session_header", self.session_header,
+                             "must be a non-empty lower-case header name")
+
+
+def read_routing_config(t: Table) -> RoutingConfig:
+    """Read a ``routing`` table; absent keys take the defaults, unknown keys are rejected."""
+    d = RoutingConfig()
+    pairs = []
+    for tt in t.tables("tokenizers"):
+        pairs.append((tt.text("model"), tt.text("path")))
+        tt.close()
+    return t.build(
+        RoutingConfig,
+        prefix_index=t.flag("prefix_index", d.prefix_index),
+        max_index_entries=t.integer("max_index_entries", d.max_index_entries, minimum=1),
+        block_size=t.integer("block_size", d.block_size, minimum=1),
+        max_block_size=t.integer("max_block_size", d.max_block_size, minimum=1),
+        index_ttl=t.duration("index_ttl", d.index_ttl, positive=True),
+        cost_model=t.flag("cost_model", d.cost_model),
+        prefill_tokens_per_second=t.number("prefill_tokens_per_second", d.prefill_tokens_per_second),
+        cached_tokens_per_second=t.number("cached_tokens_per_second", d.cached_tokens_per_second),
+        base_latency=t.duration("base_latency", d.base_latency),
+        running_request_cost=t.duration("running_request_cost", d.running_request_cost),
+        learning_rate=t.number("learning_rate", d.learning_rate),
+        overload_in_flight_ratio=t.number("overload_in_flight_ratio", d.overload_in_flight_ratio),
+        overload_queue_time=t.duration("overload_queue_time", d.overload_queue_time, positive=True),
+        hot_spread=t.flag("hot_spread", d.hot_spread),
+        hot_threshold=t.number("hot_threshold", d.hot_threshold),
+        hot_window=t.duration("hot_window", d.hot_window, positive=True),
+        hot_min_requests=t.number("hot_min_requests", d.hot_min_requests),
+        hot_min_tokens=t.integer("hot_min_tokens", d.hot_min_tokens, minimum=1),
+        max_hot_prefixes=t.integer("max_hot_prefixes", d.max_hot_prefixes, minimum=1),
+        session_affinity=t.flag("session_affinity", d.session_affinity),
+        session_header=t.text("session_header", d.session_header).lower(),
+        session_load_factor=t.number("session_load_factor", d.session_load_factor),
+        max_pending=t.integer("max_pending", d.max_pending, minimum=1),
+        reservation_timeout=t.duration("reservation_timeout", d.reservation_timeout, positive=True),
+        tokenizers=tuple(pairs),
+    )
