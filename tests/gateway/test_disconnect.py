@@ -88,7 +88,7 @@ async def test_disconnect_closes_the_upstream_at_every_phase(start_engine: Engin
         await wait_until(lambda: probe.completed == 1)
 
 
-async def test_disconnect_while_sending_the_body_never_reaches_the_engine(start_engine: EngineFactory) -> None:
+async def test_disconnect_during_the_body_never_reaches_the_engine(start_engine: EngineFactory) -> None:
     engine = await start_engine("e1")
     async with open_gateway(gateway_config([engine])) as gw:
         stream = await _open(gw.url)
