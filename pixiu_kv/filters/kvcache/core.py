@@ -15,7 +15,9 @@ is bounded by ``request_timeout``; cancelling the spawning scope cancels them at
 
 from __future__ import annotations
 
+import functools
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -180,13 +182,16 @@ def _on_breaker_change(breaker: CircuitBreaker, state: BreakerState) -> None:
     log.log(level, "kvcache: %s circuit breaker is now %s", breaker.name, state.value)
 
 
-def _client(base_url: str, timeout: float, pool_size: int) -> httpx.AsyncClient:
+def _client(base_url: str, timeout: float, pool_size: int, tls: Callable[[], ssl.SSLContext]
+            ) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         base_url=base_url,
         timeout=httpx.Timeout(timeout),
         limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
         follow_redirects=False,
         trust_env=False,
+        # Loading the CA bundle costs tens of ms per client: only for https, and only once.
+        verify=tls() if base_url.startswith("https:") else False,
     )
 
 
@@ -206,11 +211,12 @@ async def open_kvcache_core(config: KvCacheConfig, nursery: trio.Nursery, *,
                               on_change=_on_breaker_change)
 
     policy = RetryPolicy(config.retry.max_attempts, config.retry.base_backoff, config.retry.max_backoff)
+    tls = functools.cache(httpx.create_ssl_context)
     clients = (
-        _client(config.vllm_endpoint, config.request_timeout, http_pool_size),
+        _client(config.vllm_endpoint, config.request_timeout, http_pool_size, tls),
         # Routing gets its own pool: background work can never make it wait for a connection.
-        _client(config.lmcache_endpoint, max(config.lookup_routing_timeout, 0.001), http_pool_size),
-        _client(config.lmcache_endpoint, config.request_timeout, http_pool_size),
+        _client(config.lmcache_endpoint, max(config.lookup_routing_timeout, 0.001), http_pool_size, tls),
+        _client(config.lmcache_endpoint, config.request_timeout, http_pool_size, tls),
     )
     strategy = config.cache_strategy
     needs_load = ((strategy.enable_compression and strategy.load_threshold > 0)
