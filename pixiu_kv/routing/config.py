@@ -30,6 +30,11 @@ def _ratio(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
         raise FieldError(attribute.name, value, "is outside (0, 1]")
 
 
+def _at_least_one(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value >= 1.0:
+        raise FieldError(attribute.name, value, "must be >= 1 (1 = perfectly even, no affinity slack)")
+
+
 def _block_size(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
     # Engines cache whole blocks of a power-of-two size (vLLM: 16, LMCache chunks: 256); a
     # boundary that is not a multiple of the engine's block can never match its cache.
@@ -94,7 +99,7 @@ class RoutingConfig:
 
     session_affinity: bool = True
     session_header: str = "x-session-id"
-    session_load_factor: float = attrs.field(default=1.25, validator=attrs.validators.ge(1.0))
+    session_load_factor: float = attrs.field(default=1.25, validator=_at_least_one)
 
     max_pending: int = attrs.field(default=65_536, validator=_positive)
     reservation_timeout: float = attrs.field(default=600.0, validator=_positive)

@@ -1,0 +1,61 @@
+"""The learned prefill cost and the reserved-work queue."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pixiu_kv.routing import PrefillLearner, PrefillQueue
+
+
+@pytest.mark.parametrize(("true_per_token", "true_base"), [
+    (1 / 2000, 0.05),   # engine 4x slower than the prior
+    (1 / 30000, 0.01),  # engine ~4x faster than the prior
+    (1 / 8000, 0.0),    # the prior was right
+])
+def test_learner_converges_to_the_observed_cost_per_token(true_per_token: float, true_base: float) -> None:
+    rnd = random.Random(42)
+    learner = PrefillLearner(per_token=1 / 8000, base=0.02, learning_rate=0.05)
+    for i in range(400):
+        tokens = rnd.randrange(0, 4000)
+        ttft = (true_base + true_per_token * tokens) * rnd.uniform(0.9, 1.1)
+        if i % 25 == 7:
+            ttft *= 20  # a GC pause or a preemption: must not drag the fit away
+        learner.learn(tokens, ttft)
+    assert learner.per_token == pytest.approx(true_per_token, rel=0.1)
+    assert learner.base == pytest.approx(true_base, abs=0.02)
+    assert learner.samples == 400
+
+
+def test_learner_keeps_the_prior_slope_when_the_data_cannot_identify_it() -> None:
+    learner = PrefillLearner(per_token=1 / 8000, base=0.02)
+    for _ in range(200):
+        learner.learn(1000, 0.5)  # every prompt the same size
+    assert learner.predict(1000) == pytest.approx(0.5, rel=0.05)
+    assert 1 / 8000 / 100 <= learner.per_token <= 1 / 8000 * 100
+
+
+def test_learner_ignores_garbage_samples() -> None:
+    learner = PrefillLearner(per_token=1 / 8000, base=0.02)
+    for bad in (float("nan"), float("inf")):
+        learner.learn(100, bad)
+    learner.learn(-5, 0.1)
+    assert learner.samples == 0
+    assert learner.per_token == 1 / 8000
+
+
+def test_queue_adds_reservations_at_once_drains_with_time_and_forgets_finished_work() -> None:
+    q = PrefillQueue()
+    q.add(0.3, now=10.0)
+    q.add(0.2, now=10.0)  # a burst: the second sees the first
+    assert q.backlog(10.0) == pytest.approx(0.5)
+    assert q.outstanding == 2
+    assert q.backlog(10.1) == pytest.approx(0.4)
+    q.prefilled(0.3, now=10.1)  # the first one's prefill is over: at most 0.2 can remain
+    assert q.backlog(10.1) == pytest.approx(0.2)
+    assert q.backlog(11.0) == 0.0
+    q.ended()
+    q.ended()
+    q.ended()  # never negative
+    assert q.outstanding == 0

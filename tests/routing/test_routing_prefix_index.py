@@ -1,0 +1,197 @@
+"""The local prefix index: block schedule, match/record, LRU bound, corrections, cost in lookups."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pixiu_kv.routing import BlockSchedule, PrefixIndex
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    rnd = random.Random(seed)
+    return [rnd.randrange(32000) for _ in range(n)]
+
+
+# -- block schedule --------------------------------------------------------------------
+
+@pytest.mark.parametrize(("length", "blocks", "last_end"), [
+    (0, 0, None),
+    (15, 0, None),
+    (16, 1, 16),
+    (100, 6, 96),
+    (512, 32, 512),
+    (1000, 47, 992),
+    (4096, 80, 4096),
+])
+def test_schedule_cuts_by_position_only(length: int, blocks: int, last_end: int | None) -> None:
+    ends = BlockSchedule(16, 256).ends(length)
+    assert len(ends) == blocks
+    if last_end is not None:
+        assert ends[-1] == last_end
+    assert all(e % 16 == 0 for e in ends)
+
+
+def test_schedule_granularity_is_fine_near_the_start_and_bounded_relative_further_on() -> None:
+    ends = BlockSchedule(16, 256).ends(100_000)
+    sizes = [b - a for a, b in zip([0, *ends], ends, strict=False)]
+    assert set(sizes[:32]) == {16}
+    for start, size in zip([0, *ends], sizes, strict=False):
+        assert size <= max(16, start // 16)  # a match is exact to 1/16 of its length
+        assert size <= 256
+    assert sizes[-1] == 256
+
+
+def test_keys_name_whole_prefixes() -> None:
+    schedule = BlockSchedule(16, 256)
+    a = _prompt(1, 3000)
+    b = a[:2000] + _prompt(2, 1000)
+    ka, kb = schedule.keys(a), schedule.keys(b)
+    shared = schedule.ends(2000)
+    assert ka.keys[: len(shared)] == kb.keys[: len(shared)]
+    assert ka.keys[len(shared)] != kb.keys[len(shared)]
+    # Same tokens at a different position never give the same key (the chain carries position).
+    c = _prompt(3, 16) + a[:2000]
+    assert set(schedule.keys(c).keys).isdisjoint(ka.keys)
+
+
+# -- match and record ------------------------------------------------------------------
+
+def test_match_after_record_finds_the_deepest_shared_block_per_endpoint() -> None:
+    index = PrefixIndex(max_entries=10_000)
+    system = _prompt(1, 1500)
+    index.record("e1", system + _prompt(2, 300), now=1.0)
+    index.record("e2", system[:600], now=1.0)
+    query = system + _prompt(3, 500)
+    matched = index.match(query, now=2.0)
+    assert matched == {"e1": 1472, "e2": 576}  # 1472 = last boundary <= 1500; 576 <= 600
+    assert index.match(_prompt(9, 2000), now=2.0) == {}
+
+
+def test_match_is_empty_for_prompts_shorter_than_a_block() -> None:
+    index = PrefixIndex(max_entries=100)
+    index.record("e1", [1, 2, 3], now=0.0)
+    assert index.match([1, 2, 3], now=0.0) == {}
+    assert len(index) == 0
+
+
+def test_total_entries_are_bounded_and_the_least_recent_prefixes_go_first() -> None:
+    index = PrefixIndex(max_entries=200)
+    old = _prompt(1, 1024)  # 64 blocks
+    index.record("e1", old, now=0.0)
+    for i in range(10):
+        index.record("e2", _prompt(100 + i, 512), now=1.0 + i)  # 32 blocks each
+        assert len(index) <= 200
+    assert len(index) == 200
+    assert index.match(old, now=20.0) == {}
+    assert index.match(_prompt(109, 512), now=20.0) == {"e2": 512}
+
+
+def test_lru_drops_extensions_before_their_prefix() -> None:
+    # A prefix shared by many prompts stays while their private tails are evicted.
+    index = PrefixIndex(max_entries=80)
+    system = _prompt(1, 512)  # 32 blocks, then room for the 6 most recent tails
+    for i in range(10):
+        index.record("e1", system + _prompt(10 + i, 256), now=float(i))  # +8 blocks each
+    matched = index.match(system + _prompt(99, 256), now=11.0)
+    assert matched == {"e1": 512}
+    # Recent tails survive, the oldest ones are gone, none is half-kept.
+    assert index.match(system + _prompt(19, 256), now=11.0) == {"e1": 768}
+    assert index.match(system + _prompt(10, 256), now=11.0) == {"e1": 512}
+
+
+def test_ttl_expires_beliefs() -> None:
+    index = PrefixIndex(max_entries=1000, ttl=60.0)
+    p = _prompt(1, 256)
+    index.record("e1", p, now=0.0)
+    assert index.match(p, now=59.0) == {"e1": 256}
+    assert index.match(p, now=61.0) == {}
+
+
+def test_match_costs_logarithmic_lookups_per_holder_and_record_one_per_block() -> None:
+    index = PrefixIndex(max_entries=100_000)
+    prompt = _prompt(1, 4096)  # 80 blocks
+    for e in ("e1", "e2", "e3"):
+        index.record(e, prompt[: 1000 * (1 + len(e))], now=0.0)
+    keys = index.keys(prompt)
+    index.lookups = 0
+    matched = index.match(keys, now=1.0)
+    assert len(matched) == 3
+    assert index.lookups <= 1 + 3 * 7  # ceil(log2(80)) = 7 probes per holder
+    index.lookups = 0
+    index.record("e4", keys, now=1.0)
+    assert index.lookups == len(keys.keys) == 80
+
+
+def test_match_work_grows_with_blocks_not_with_the_index_size() -> None:
+    small, large = PrefixIndex(max_entries=1_000_000), PrefixIndex(max_entries=1_000_000)
+    prompt = _prompt(1, 2048)
+    small.record("e1", prompt, now=0.0)
+    large.record("e1", prompt, now=0.0)
+    for i in range(300):
+        large.record(f"e{i % 7}", _prompt(1000 + i, 1024), now=0.0)
+    small.lookups = large.lookups = 0
+    assert small.match(prompt, now=1.0) == large.match(prompt, now=1.0) == {"e1": 2048}
+    assert small.lookups == large.lookups
+
+
+# -- corrections ----------------------------------------------------------------------
+
+def test_a_lower_cached_count_means_older_entries_of_that_endpoint_were_evicted() -> None:
+    index = PrefixIndex(max_entries=10_000)
+    old_a, old_b, fresh = _prompt(1, 1024), _prompt(2, 1024), _prompt(3, 1024)
+    index.record("e1", old_a, now=1.0)
+    index.record("e1", old_b, now=2.0)
+    index.record("e1", fresh, now=50.0)
+    index.record("e2", old_a, now=1.0)
+    # A new turn of old_a is routed to e1 (the index believes 1024 cached) ...
+    turn = old_a + _prompt(4, 200)
+    prior = index.record("e1", turn, now=60.0)
+    assert len(prior) == len(index.schedule.ends(1024))
+    # ... but the engine had only 256 of them: it evicted what we last used at t=1.
+    assert index.observe("e1", turn, cached_tokens=256, now=61.0, prior=prior)
+    matched = index.match(old_b, now=62.0)
+    assert "e1" in matched  # t=2 is newer than the evicted block
+    assert index.match(fresh, now=62.0) == {"e1": 1024}
+    # The prompt just served is held again in full (its next turn must stay here) ...
+    assert index.match(turn, now=62.0)["e1"] == index.schedule.ends(1224)[-1]
+    # ... and other endpoints are untouched.
+    assert index.match(old_a, now=62.0)["e2"] == 1024
+
+
+def test_eviction_watermark_removes_all_entries_as_old_as_the_evicted_one() -> None:
+    index = PrefixIndex(max_entries=10_000)
+    old, recent = _prompt(1, 512), _prompt(2, 512)
+    probe = _prompt(3, 512)
+    index.record("e1", old, now=1.0)
+    index.record("e1", probe, now=3.0)
+    index.record("e1", recent, now=5.0)
+    # Standalone observe (no prior): the engine had nothing of probe (used at t=3).
+    assert index.observe("e1", probe, cached_tokens=0, now=10.0)
+    assert index.match(old, now=10.0) == {}
+    assert index.match(recent, now=10.0) == {"e1": 512}
+    assert index.match(probe, now=10.0) == {"e1": 512}  # recomputed just now
+
+
+def test_a_report_within_one_block_of_the_belief_is_not_an_eviction() -> None:
+    # vLLM recomputes the last token of a fully cached prompt and reports one block less.
+    index = PrefixIndex(max_entries=10_000)
+    other, p = _prompt(1, 512), _prompt(2, 512)
+    index.record("e1", other, now=0.0)
+    prior = index.record("e1", p, now=1.0)
+    prior = index.record("e1", p, now=2.0)
+    assert not index.observe("e1", p, cached_tokens=496, now=3.0, prior=prior)
+    assert index.match(other, now=3.0) == {"e1": 512}
+
+
+def test_discard_and_forget() -> None:
+    index = PrefixIndex(max_entries=10_000)
+    p = _prompt(1, 1024)
+    index.record("e1", p, now=0.0)
+    index.record("e2", p, now=0.0)
+    assert index.discard("e1", p, keep_tokens=256) > 0
+    assert index.match(p, now=1.0) == {"e1": 256, "e2": 1024}
+    assert index.forget("e2") == len(index.schedule.ends(1024))
+    assert index.match(p, now=1.0) == {"e1": 256}
+    assert len(index) == len(index.schedule.ends(256))

@@ -1,0 +1,336 @@
+"""The Router: one cost per endpoint, overload guard, bursts, hot prefixes, sessions, feedback."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import attrs
+import pytest
+
+from pixiu_kv.routing import Decision, EndpointView, Router, RoutingConfig
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    rnd = random.Random(seed)
+    return [rnd.randrange(32000) for _ in range(n)]
+
+
+def _fleet(n: int = 4, max_in_flight: int = 64, **in_flight: int) -> list[EndpointView]:
+    return [EndpointView(f"e{i}", in_flight=in_flight.get(f"e{i}", 0), max_in_flight=max_in_flight)
+            for i in range(n)]
+
+
+def _serve(router: Router, d: Decision, ttft: float = 0.05) -> None:
+    router.on_first_byte(d, ttft)
+    router.on_complete(d, cached_tokens=None, prompt_tokens=None)
+
+
+# -- cache vs load ----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("case", "e0", "queued_before", "winner_is_holder", "reason"), [
+    ("idle holder wins on cache", {}, 0, True, "cache"),
+    ("holder near its in-flight cap gets no cache credit", {"in_flight": 58}, 0, False, "load"),
+    ("full holder is not eligible", {"in_flight": 64}, 0, False, "load"),
+    ("unhealthy holder is not eligible", {"healthy": False}, 0, False, "load"),
+    ("holder with a long prefill queue gets no cache credit", {}, 9, False, "load"),
+])
+def test_overload_beats_affinity(case: str, e0: dict[str, object], queued_before: int,
+                                 winner_is_holder: bool, reason: str) -> None:
+    router = Router(RoutingConfig(hot_spread=False, session_affinity=False))
+    prompt = _prompt(1, 3000)
+    assert router.index is not None
+    router.index.record("e0", prompt, now=0.0)
+    fleet = _fleet()
+    # Queue work on e0 only (its own distinct prompts, in one instant): 9 x 0.5 s > 2 s guard.
+    for i in range(queued_before):
+        router.decide([fleet[0]], _prompt(100 + i, 4000), None, None, now=1.0)
+    fleet[0] = attrs.evolve(fleet[0], **e0)  # type: ignore[arg-type]
+    d = router.decide(fleet, prompt + _prompt(2, 50), None, None, now=1.0)
+    assert (d.endpoint_id == "e0") is winner_is_holder, case
+    assert d.reason == reason, case
+    if not winner_is_holder:
+        assert d.matched_tokens == 0
+
+
+@pytest.mark.parametrize(("holder_queue_requests", "expect_holder"), [
+    (0, True),   # cached prefix: ~2 s of prefill saved
+    (1, True),   # 0.5 s queued < 2 s saved
+    (3, True),   # 1.5 s queued < 2 s saved
+    (5, False),  # 2.5 s queued > 2 s saved: computing it again elsewhere is faster
+])
+def test_cache_and_queue_are_traded_in_one_cost(holder_queue_requests: int, expect_holder: bool) -> None:
+    router = Router(RoutingConfig(hot_spread=False, session_affinity=False, overload_queue_time=10.0))
+    prefix = _prompt(1, 16_000)  # 2 s of prefill at the prior 8000 tokens/s
+    assert router.index is not None
+    router.index.record("e0", prefix, now=0.0)
+    fleet = _fleet(2)
+    for i in range(holder_queue_requests):
+        router.decide([fleet[0]], _prompt(100 + i, 4000), None, None, now=1.0)
+    d = router.decide(fleet, prefix + _prompt(2, 100), None, None, now=1.0)
+    assert (d.endpoint_id == "e0") is expect_holder
+    assert d.reason == ("cache" if expect_holder else "load")
+    assert d.predicted_ttft is not None
+    assert d.predicted_ttft == min(c.predicted_ttft for c in d.costs)
+
+
+def test_a_burst_sees_its_own_reservations_and_never_overruns_an_endpoint() -> None:
+    router = Router(RoutingConfig(hot_spread=False))
+    fleet = _fleet(4, max_in_flight=8)
+    prompt = _prompt(1, 2000)
+    decisions = [router.decide(fleet, prompt, None, None, now=0.0) for _ in range(40)]
+    placed = Counter(d.endpoint_id for d in decisions if d.endpoint_id is not None)
+    assert len(placed) == 4
+    assert max(placed.values()) <= 8  # the proxy's in_flight (0 here) lags: reservations count
+    assert sum(placed.values()) == 32
+    assert all(d.reason == "no-endpoint" for d in decisions[32:])
+
+
+def test_a_burst_goes_to_the_cache_holder_while_it_is_cheap_then_spills() -> None:
+    router = Router(RoutingConfig(hot_spread=False))
+    fleet = _fleet(4, max_in_flight=16)
+    prompt = _prompt(1, 4000)
+    first = router.decide(fleet, prompt, None, None, now=0.0)
+    holder = first.endpoint_id
+    router.on_first_byte(first, 0.5)  # its prefill is done: the prefix is cached there
+    burst = [router.decide(fleet, prompt, None, None, now=1.0) for _ in range(30)]
+    on_holder = [d for d in burst if d.endpoint_id == holder]
+    # Cached requests are cheap: the holder takes them until the overload guard (85% of 16)...
+    assert len(on_holder) == 13
+    assert all(d.reason == "cache" and d.matched_tokens == 3968 for d in burst[:13])  # whole blocks
+    assert [d.endpoint_id for d in burst[:13]] == [holder] * 13
+    # ... then the burst spills to the others, which compute the prompt themselves once each
+    # and take the rest as cache hits of their own.
+    spilled = burst[13:]
+    assert {d.endpoint_id for d in spilled} - {holder}
+    assert spilled[0].matched_tokens == 0
+
+
+# -- hot prefixes ---------------------------------------------------------------------
+
+def _hot_traffic(router: Router, fleet: list[EndpointView], n: int) -> Counter[str | None]:
+    system = _prompt(1, 2048)
+    placed: Counter[str | None] = Counter()
+    for i in range(n):
+        now = i * 0.1
+        d = router.decide(fleet, system + _prompt(1000 + i, 64), None, None, now=now)
+        placed[d.endpoint_id] += 1
+        _serve(router, d)
+    return placed
+
+
+def test_a_hot_prefix_is_placed_on_more_engines_and_named_for_pinning() -> None:
+    fleet = _fleet(4)
+    cold = Router(RoutingConfig(hot_spread=False))
+    placed_cold = _hot_traffic(cold, fleet, 60)
+    assert len(placed_cold) == 1  # every request is cheapest on the one holder
+    assert cold.hot_placements() == []
+
+    hot = Router(RoutingConfig(hot_spread=True, hot_threshold=1.0))
+    placed_hot = _hot_traffic(hot, fleet, 60)
+    assert len(placed_hot) == 4  # 100% of traffic = 4 engines' fair share -> 4 replicas
+    placements = hot.hot_placements(now=6.0)
+    assert {p.endpoint_id for p in placements} == {"e0", "e1", "e2", "e3"}
+    assert len({p.key for p in placements}) == 1
+    assert placements[0].tokens == tuple(_prompt(1, 2048))
+    assert len(placements[0].chunk_aligned(256)) == 2048
+    reasons = Counter(hot.stats().decisions)
+    assert reasons["hot-spread"] >= 3  # one first placement per new replica at least
+
+
+def test_replicas_grow_with_popularity_and_cold_prefixes_are_dropped() -> None:
+    router = Router(RoutingConfig(hot_threshold=1.0, hot_window=10.0))
+    fleet = _fleet(8)
+    hot_prefix = _prompt(1, 1024)
+    now = 0.0
+    # Half of the traffic shares a prefix: 4 fair shares of 8 engines -> 4 replicas.
+    for i in range(200):
+        now += 0.05
+        prompt = hot_prefix + _prompt(10_000 + i, 64) if i % 2 else _prompt(20_000 + i, 1088)
+        _serve(router, router.decide(fleet, prompt, None, None, now=now))
+    placements = router.hot_placements(now)
+    assert len({p.endpoint_id for p in placements}) == 4
+    assert all(p.tokens == tuple(hot_prefix) for p in placements)
+    # Long after the traffic stopped, nothing is hot any more: leave it to eviction.
+    assert router.hot_placements(now + 300.0) == []
+
+
+# -- session affinity ---------------------------------------------------------------------
+
+def test_session_fallback_is_stable_and_shared_by_independent_routers() -> None:
+    a, b = Router(), Router()
+    fleet = _fleet(5)
+    for user in ("alice", "bob", "carol", "dave"):
+        picks = set()
+        for router in (a, b):
+            for _ in range(3):
+                d = router.decide(fleet, None, None, user, now=0.0)
+                assert d.reason == "session"
+                picks.add(d.endpoint_id)
+                router.on_complete(d, None, None)
+        assert len(picks) == 1, user
+
+
+def test_session_load_is_bounded() -> None:
+    router = Router(RoutingConfig(session_load_factor=1.25))
+    fleet = _fleet(4, max_in_flight=1000)
+    placed: Counter[str | None] = Counter()
+    for i in range(400):
+        placed[router.decide(fleet, None, None, f"user-{i % 7}", now=0.0).endpoint_id] += 1
+    # Sessions of 7 users on 4 engines: hashing alone would pile them unevenly.
+    assert max(placed.values()) <= 1.25 * 400 / 4 + 1
+
+
+def test_session_moves_only_when_its_engine_goes() -> None:
+    router = Router()
+    fleet = _fleet(5)
+    users = [f"user-{i}" for i in range(50)]
+    before = {}
+    for u in users:
+        d = router.decide(fleet, None, None, u, now=0.0)
+        before[u] = d.endpoint_id
+        router.on_complete(d, None, None)
+    gone = "e2"
+    fleet = [attrs.evolve(v, healthy=False) if v.id == gone else v for v in fleet]
+    for u in users:
+        d = router.decide(fleet, None, None, u, now=1.0)
+        router.on_complete(d, None, None)
+        if before[u] != gone:
+            assert d.endpoint_id == before[u], u
+        else:
+            assert d.endpoint_id != gone
+
+
+def test_a_cache_signal_beats_the_session_hash() -> None:
+    router = Router()
+    fleet = _fleet(4)
+    prompt = _prompt(1, 2000)
+    d = router.decide(fleet, prompt, {"e3": 1792}, "alice", now=0.0)
+    assert (d.endpoint_id, d.reason, d.matched_tokens) == ("e3", "cache", 1792)
+
+
+# -- LMCache lookup, explanations, switches ----------------------------------------------
+
+def test_lmcache_lookup_counts_as_a_match_and_unknown_instances_are_ignored() -> None:
+    router = Router(RoutingConfig(prefix_index=False))
+    fleet = _fleet(3)
+    prompt = _prompt(1, 2048)
+    d = router.decide(fleet, prompt, {"e1": 1024, "elsewhere": 2048}, None, now=0.0)
+    assert (d.endpoint_id, d.reason, d.matched_tokens, d.prompt_tokens) == ("e1", "cache", 1024, 2048)
+    hint = d.route_hint()
+    assert (hint.endpoint_id, hint.reason, hint.matched_tokens) == ("e1", "cache", 1024)
+    line = d.explain()
+    assert line.startswith("endpoint=e1;reason=cache;matched=1024/2048;")
+    assert str(prompt[0]) not in line.split(";", 3)[3]  # costs only, no token ids
+
+
+def test_first_sight_prompt_is_routed_and_its_next_turn_follows_it() -> None:
+    router = Router()
+    fleet = _fleet(4)
+    turn1 = _prompt(1, 1500)
+    d1 = router.decide(fleet, turn1, None, None, now=0.0)
+    assert d1.reason == "load"
+    _serve(router, d1)
+    turn2 = turn1 + _prompt(2, 300)
+    d2 = router.decide(fleet, turn2, None, None, now=5.0)
+    assert d2.endpoint_id == d1.endpoint_id
+    assert (d2.reason, d2.matched_tokens) == ("cache", 1472)
+
+
+def test_without_the_cost_model_the_best_match_wins_then_the_least_loaded() -> None:
+    router = Router(RoutingConfig(cost_model=False, hot_spread=False))
+    fleet = _fleet(3, e1=5, e2=1)
+    d = router.decide(fleet, _prompt(1, 1000), {"e0": 256, "e1": 512, "e2": 512}, None, now=0.0)
+    assert (d.endpoint_id, d.reason) == ("e2", "cache")
+    d = router.decide(fleet, _prompt(2, 1000), None, None, now=0.0)
+    assert (d.endpoint_id, d.reason) == ("e0", "load")
+
+
+def test_without_session_affinity_no_session_decides() -> None:
+    router = Router(RoutingConfig(session_affinity=False))
+    reasons = {router.decide(_fleet(3), None, None, "alice", now=0.0).reason for _ in range(6)}
+    assert reasons == {"load"}
+
+
+def test_decisions_are_deterministic() -> None:
+    def run() -> list[str | None]:
+        router = Router()
+        fleet = _fleet(6)
+        out = []
+        for i in range(50):
+            d = router.decide(fleet, _prompt(i % 5, 800 + i), None, f"u{i % 3}", now=i * 0.01)
+            out.append(d.endpoint_id)
+            if i % 2:
+                _serve(router, d)
+        return out
+
+    assert run() == run()
+
+
+# -- feedback ---------------------------------------------------------------------------
+
+def test_learned_costs_converge_from_observed_ttfts() -> None:
+    router = Router(RoutingConfig(prefix_index=False, hot_spread=False))
+    fleet = _fleet(1)
+    rnd = random.Random(3)
+    now = 0.0
+    for i in range(300):
+        prompt = _prompt(i, rnd.randrange(200, 6000))
+        d = router.decide(fleet, prompt, None, None, now=now)
+        ttft = 0.03 + len(prompt) / 3000  # the engine prefills 3000 tokens/s
+        router.on_first_byte(d, ttft)
+        now += ttft + 0.5
+        router.on_complete(d, cached_tokens=0, prompt_tokens=len(prompt), now=now)
+    learned = router.stats().endpoints[0]
+    assert learned.prefill_tokens_per_second == pytest.approx(3000, rel=0.1)
+    assert learned.base_latency == pytest.approx(0.03, abs=0.02)
+    assert learned.samples == 300
+    d = router.decide(fleet, _prompt(999, 3000), None, None, now=now)
+    assert d.predicted_ttft == pytest.approx(1.03, rel=0.1)
+
+
+def test_engine_reports_correct_the_index_through_the_router() -> None:
+    router = Router(RoutingConfig(hot_spread=False))
+    fleet = _fleet(2)
+    old = _prompt(1, 1024)
+    d = router.decide(fleet, old, None, None, now=0.0)
+    _serve(router, d)
+    holder = d.endpoint_id
+    d2 = router.decide(fleet, old + _prompt(2, 64), None, None, now=100.0)
+    assert (d2.endpoint_id, d2.matched_tokens) == (holder, 1024)
+    router.on_first_byte(d2, 0.1)
+    router.on_complete(d2, cached_tokens=0, prompt_tokens=1088, now=100.2)
+    assert router.stats().corrections == 1
+
+
+def test_failure_releases_the_reservation_and_the_unheld_blocks() -> None:
+    router = Router(RoutingConfig(hot_spread=False))
+    fleet = _fleet(2)
+    prompt = _prompt(1, 2048)
+    d = router.decide(fleet, prompt, None, None, now=0.0)
+    assert router.stats().pending == 1
+    router.on_failure(d)
+    router.on_failure(d)  # twice is harmless
+    assert router.stats().pending == 0
+    assert router.index is not None
+    assert router.index.match(prompt, now=0.0) == {}
+    assert all(e.outstanding == 0 and e.queued_seconds == 0 for e in router.stats().endpoints)
+
+
+def test_forgotten_callbacks_expire_and_pending_work_is_bounded() -> None:
+    router = Router(RoutingConfig(reservation_timeout=10.0, max_pending=5, hot_spread=False))
+    fleet = _fleet(2)
+    for i in range(8):
+        router.decide(fleet, _prompt(i, 100), None, None, now=0.0)
+    assert router.stats().pending == 5
+    router.decide(fleet, _prompt(99, 100), None, None, now=20.0)
+    assert router.stats().pending == 1
+    assert sum(e.outstanding for e in router.stats().endpoints) == 1
+
+
+def test_no_endpoint_decision_reserves_nothing() -> None:
+    router = Router()
+    d = router.decide([EndpointView("e0", healthy=False)], _prompt(1, 100), None, None, now=0.0)
+    assert (d.endpoint_id, d.reason, d.reservation) == (None, "no-endpoint", 0)
+    router.on_complete(d, None, None)
+    assert router.stats().pending == 0
