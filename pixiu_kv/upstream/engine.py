@@ -13,7 +13,9 @@ connections) cut slow first tokens and churn connections under load:
 
 from __future__ import annotations
 
+import functools
 import http.cookiejar
+import ssl
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -32,8 +34,26 @@ def _no_cookies() -> http.cookiejar.CookieJar:
     return http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
 
 
-def _client(config: LlmProxyConfig, pool_size: int) -> httpx.AsyncClient:
+@functools.cache
+def _trust_store_context() -> ssl.SSLContext:
+    """The system trust store, loaded once per process (loading it costs ~0.1 s)."""
+    return ssl.create_default_context()
+
+
+def _tls_context(endpoints: list[Endpoint]) -> ssl.SSLContext:
+    """One context shared by every pool: httpx would otherwise load certificates per client.
+
+    Without any https endpoint no certificate is ever checked, so the trust store is not
+    loaded at all (the context still verifies, should it ever be used).
+    """
+    if any(e.config.address.startswith("https:") for e in endpoints):
+        return _trust_store_context()
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
+def _client(config: LlmProxyConfig, pool_size: int, tls: ssl.SSLContext) -> httpx.AsyncClient:
     return httpx.AsyncClient(
+        verify=tls,
         timeout=httpx.Timeout(connect=config.connect_timeout, read=None,
                               write=config.idle_timeout, pool=config.connect_timeout),
         limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size,
@@ -75,10 +95,11 @@ async def open_engine_clients(config: LlmProxyConfig,
     async with AsyncExitStack() as stack:
         clients: dict[str, httpx.AsyncClient] = {}
         endpoints = list(endpoints)
+        tls = _tls_context(endpoints)
         for endpoint in endpoints:
             size = min(endpoint.max_in_flight, config.max_connections_per_endpoint)
-            clients[endpoint.id] = await stack.enter_async_context(_client(config, size))
-        health = await stack.enter_async_context(_client(config, max(1, len(endpoints))))
+            clients[endpoint.id] = await stack.enter_async_context(_client(config, size, tls))
+        health = await stack.enter_async_context(_client(config, max(1, len(endpoints)), tls))
         yield EngineClients(config, clients, health)
 
 

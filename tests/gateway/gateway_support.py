@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -241,8 +242,12 @@ async def wait_until(condition: Callable[[], bool], *, within: float = 10.0) -> 
             await trio.sleep(0.01)
 
 
+_PLAIN_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
 def client(url: str, **kwargs: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(10.0), **kwargs)
+    """A test client (plain http only: a shared TLS context spares loading certificates)."""
+    return httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(10.0), verify=_PLAIN_TLS, **kwargs)
 
 
 class PreferFromBody:
