@@ -1,292 +1,49 @@
-"""A simulated engine's link to a real ``lmcache_controller``, speaking the LMCache worker protocol.
+"""Simulated engines registered with a real ``lmcache_controller``, as LMCache workers.
 
-``open_lmcache_worker`` registers an instance with the controller over ZMQ exactly as an
-LMCache worker does, then for as long as the block runs:
+``open_lmcache_worker`` registers one instance over ZMQ exactly as an LMCache 0.5.6
+worker does, then for as long as the block runs:
 
 * answers the controller's control messages (health, pin, clear, compress, decompress)
   on a REP socket by calling the engine's :class:`WorkerControl`;
 * forwards the chunk keys the engine's CPU tier admits and evicts (reported to the
-  returned :class:`WorkerLinkSink`) as ``BatchedKVOperationMsg`` batches on a PUSH socket;
+  returned :class:`WorkerLinkSink`, which never blocks) as ``BatchedKVOperationMsg``
+  batches on a PUSH socket;
 * optionally sends heartbeats.
 
 On exit it flushes what is pending and deregisters, under a deadline, even when the block
 is cancelled: a controller keeps a dead worker registered and then hangs on ``/pin``,
 ``/clear`` and ``/health``.
 
-All sockets are non-blocking and driven from trio (see ``_controller_zmq``); each
-instance uses its own ZMQ context.
+``open_lmcache_links`` does the same for a whole fleet through a synchronous
+``register(instance_id, control) -> sink`` (``open_fleet(chunk_sink_factory=...)``).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 
-import attrs
-import trio
-import zmq
-
-from pixiu_kv.sim._controller_wire import (
-    KvOp,
-    WireError,
-    answer_control,
-    decode_frame,
-    encode_deregister,
-    encode_heartbeat,
-    encode_kv_batch,
-    encode_register,
+from pixiu_kv.sim._controller_link import (
+    ControllerPorts,
+    LinkStats,
+    RegistrationError,
+    WorkerLinkSettings,
+    WorkerLinkSink,
+    linked,
 )
-from pixiu_kv.sim._controller_zmq import close_socket, recv_frames, send_frames
-from pixiu_kv.sim.lmcache_link import LOCATION, WorkerControl
+from pixiu_kv.sim._controller_link_group import LinkGroup, open_lmcache_links
+from pixiu_kv.sim.lmcache_link import WorkerControl
 
 __all__ = [
     "ControllerPorts",
+    "LinkGroup",
     "LinkStats",
     "RegistrationError",
     "WorkerLinkSettings",
     "WorkerLinkSink",
+    "open_lmcache_links",
     "open_lmcache_worker",
 ]
-
-log = logging.getLogger(__name__)
-
-
-def _port(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if not 0 < value < 65536:
-        raise ValueError(f"{attribute.name} must be a TCP port, got {value}")
-
-
-def _optional_port(_inst: object, attribute: attrs.Attribute[int | None], value: int | None) -> None:
-    if value is not None:
-        _port(_inst, attribute, value)  # type: ignore[arg-type]
-
-
-@attrs.frozen(slots=True)
-class ControllerPorts:
-    """The controller's ``--monitor-ports``: ``{"pull": P1, "reply": P2, "heartbeat": P3}``."""
-
-    pull: int = attrs.field(validator=_port)
-    reply: int = attrs.field(validator=_port)
-    heartbeat: int | None = attrs.field(default=None, validator=_optional_port)
-
-
-@attrs.frozen(slots=True)
-class WorkerLinkSettings:
-    """Bounds and deadlines of one worker link.
-
-    ``bind_host`` is where the control socket listens and the address the controller is
-    told to connect to (``advertise_ip`` overrides the latter). ``worker_port`` 0 picks a
-    free port. ``max_pending`` caps distinct chunk keys waiting to be sent (more are
-    dropped and counted); ``batch_size`` caps operations per message.
-    """
-
-    worker_id: int = 0
-    bind_host: str = "127.0.0.1"
-    advertise_ip: str | None = None
-    worker_port: int = 0
-    max_pending: int = attrs.field(default=100_000, validator=attrs.validators.gt(0))
-    batch_size: int = attrs.field(default=512, validator=attrs.validators.gt(0))
-    register_timeout: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
-    send_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
-    close_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
-    heartbeat_interval: float | None = None
-    linger_ms: int = 2000
-
-
-@attrs.define(slots=True)
-class LinkStats:
-    admits: int = 0
-    evicts: int = 0
-    dropped: int = 0
-    batches_sent: int = 0
-    ops_sent: int = 0
-    send_failures: int = 0
-    control_requests: int = 0
-    heartbeats: int = 0
-
-
-class RegistrationError(RuntimeError):
-    """The controller did not accept the registration in time."""
-
-
-class WorkerLinkSink:
-    """The ChunkSink of a linked instance: never blocks, buffers at most ``max_pending`` keys.
-
-    Operations on one key coalesce to the latest (admit then evict before a flush sends
-    only the evict), which is what the controller's set semantics need. Call it from the
-    trio thread that runs the link.
-    """
-
-    def __init__(self, settings: WorkerLinkSettings, port: int) -> None:
-        self._settings = settings
-        self.port = port
-        self.stats = LinkStats()
-        self._pending: dict[int, KvOp] = {}
-        self._in_flight = 0
-        self._closed = False
-        self._changed = trio.Event()
-
-    # -- ChunkSink ----------------------------------------------------------------------
-
-    def admit(self, keys: Sequence[int]) -> None:
-        self._record(keys, KvOp.ADMIT)
-        self.stats.admits += len(keys)
-
-    def evict(self, keys: Sequence[int]) -> None:
-        self._record(keys, KvOp.EVICT)
-        self.stats.evicts += len(keys)
-
-    def _record(self, keys: Sequence[int], op: KvOp) -> None:
-        if self._closed:
-            self.stats.dropped += len(keys)
-            return
-        for key in keys:
-            if key not in self._pending and len(self._pending) >= self._settings.max_pending:
-                self.stats.dropped += 1
-                continue
-            self._pending.pop(key, None)  # re-insert: the newest operation goes last
-            self._pending[key] = op
-        self._notify()
-
-    # -- flushing -----------------------------------------------------------------------
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    async def flushed(self) -> None:
-        """Wait until every reported operation has been handed to the controller's socket."""
-        while self._pending or self._in_flight:
-            await self._changed.wait()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def _take(self, limit: int) -> list[tuple[int, KvOp]]:
-        batch: list[tuple[int, KvOp]] = []
-        for key in list(self._pending)[:limit]:
-            batch.append((key, self._pending.pop(key)))
-        self._in_flight = len(batch)
-        return batch
-
-    def _restore(self, batch: list[tuple[int, KvOp]]) -> None:
-        """Put back an unsent batch; operations reported since then stay newer."""
-        for key, op in batch:
-            self._pending.setdefault(key, op)
-        self._in_flight = 0
-
-    def _done(self) -> None:
-        self._in_flight = 0
-        self._notify()
-
-
-async def _send_batches(
-    sink: WorkerLinkSink,
-    push: zmq.Socket[bytes],
-    instance_id: str,
-    settings: WorkerLinkSettings,
-    next_seq: list[int],
-    *,
-    until_empty: bool,
-) -> None:
-    """Send pending operations; with ``until_empty`` return when none are left."""
-    while True:
-        if not sink._pending:
-            if until_empty:
-                return
-            await sink._changed.wait()
-            continue
-        batch = sink._take(settings.batch_size)
-        seq = next_seq[0]
-        ops = [(op, key, seq + i) for i, (key, op) in enumerate(batch)]
-        frame = encode_kv_batch(instance_id, settings.worker_id, LOCATION, ops)
-        try:
-            await send_frames(push, [frame], max_wait=settings.send_timeout)
-        except trio.TooSlowError:
-            # The controller is unreachable: drop the batch rather than grow without bound.
-            sink.stats.send_failures += 1
-            sink.stats.dropped += len(batch)
-            log.warning(
-                "lmcache link %s: dropped %d chunk operations (send timed out)", instance_id, len(batch)
-            )
-        except BaseException:
-            sink._restore(batch)
-            raise
-        else:
-            next_seq[0] += len(batch)
-            sink.stats.batches_sent += 1
-            sink.stats.ops_sent += len(batch)
-        sink._done()
-
-
-async def _serve_control(
-    rep: zmq.Socket[bytes], control: WorkerControl, sink: WorkerLinkSink, max_wait: float
-) -> None:
-    while True:
-        frames = await recv_frames(rep)
-        sink.stats.control_requests += 1
-        reply = answer_control(frames[-1], control)
-        try:
-            await send_frames(rep, [reply], max_wait=max_wait)
-        except trio.TooSlowError:
-            log.warning("lmcache link: control reply not sent in %.1fs", max_wait)
-
-
-async def _heartbeat(
-    ctx: zmq.Context[zmq.Socket[bytes]],
-    url: str,
-    frame: bytes,
-    sink: WorkerLinkSink,
-    settings: WorkerLinkSettings,
-) -> None:
-    assert settings.heartbeat_interval is not None
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(url)
-    warned = False
-    try:
-        while True:
-            try:
-                await send_frames(sock, [b"", frame], max_wait=settings.send_timeout)
-                reply = decode_frame((await recv_frames(sock, max_wait=settings.send_timeout))[-1])
-            except (trio.TooSlowError, WireError) as exc:
-                log.warning("lmcache link: heartbeat failed: %s", exc)
-            else:
-                sink.stats.heartbeats += 1
-                if reply.get("commands") and not warned:
-                    # The controller asks every worker for a full sync after it starts; the
-                    # link does not implement full sync, and incremental batches still apply.
-                    log.warning("lmcache link: ignoring heartbeat commands %s", reply["commands"])
-                    warned = True
-            await trio.sleep(settings.heartbeat_interval)
-    finally:
-        close_socket(sock, linger_ms=0)
-
-
-def _tcp(address: str) -> str:
-    return address if "://" in address else f"tcp://{address}"
-
-
-async def _register(
-    ctx: zmq.Context[zmq.Socket[bytes]], url: str, frame: bytes, max_wait: float
-) -> dict[str, object]:
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.connect(url)
-    try:
-        await send_frames(dealer, [b"", frame], max_wait=max_wait)
-        reply = decode_frame((await recv_frames(dealer, max_wait=max_wait))[-1])
-    except trio.TooSlowError:
-        raise RegistrationError(f"no registration reply from {url} within {max_wait}s") from None
-    except WireError as exc:
-        raise RegistrationError(f"bad registration reply from {url}: {exc}") from None
-    finally:
-        close_socket(dealer, linger_ms=0)
-    if reply["type"] != "RegisterRetMsg":
-        raise RegistrationError(f"registration refused by {url}: {reply}")
-    extra = reply.get("extra_config")
-    return dict(extra) if isinstance(extra, dict) else {}
 
 
 @asynccontextmanager
@@ -302,64 +59,6 @@ async def open_lmcache_worker(
     Raises :class:`RegistrationError` if the controller does not answer in time.
     """
     settings = settings or WorkerLinkSettings()
-    ip = settings.advertise_ip or settings.bind_host
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    rep = ctx.socket(zmq.REP)
-    push = ctx.socket(zmq.PUSH)
-    try:
-        if settings.worker_port:
-            rep.bind(f"tcp://{settings.bind_host}:{settings.worker_port}")
-            port = settings.worker_port
-        else:
-            port = rep.bind_to_random_port(f"tcp://{settings.bind_host}")
-        push.connect(f"tcp://{controller_host}:{ports.pull}")
-        sink = WorkerLinkSink(settings, port)
-        extra = await _register(
-            ctx,
-            f"tcp://{controller_host}:{ports.reply}",
-            encode_register(instance_id, settings.worker_id, ip, port),
-            settings.register_timeout,
-        )
-        log.info("lmcache link %s registered (worker port %d)", instance_id, port)
-        next_seq = [0]
-        body_error: BaseException | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_serve_control, rep, control, sink, settings.send_timeout)
-                nursery.start_soon(
-                    partial(_send_batches, sink, push, instance_id, settings, next_seq, until_empty=False)
-                )
-                heartbeat_url = extra.get("heartbeat_url")
-                if settings.heartbeat_interval and isinstance(heartbeat_url, str):
-                    frame = encode_heartbeat(instance_id, settings.worker_id, ip, port)
-                    nursery.start_soon(_heartbeat, ctx, _tcp(heartbeat_url), frame, sink, settings)
-                try:
-                    yield sink
-                except BaseException as exc:
-                    # Re-raised below, outside the nursery, so the caller gets its own
-                    # exception rather than an ExceptionGroup around it.
-                    body_error = exc
-                finally:
-                    nursery.cancel_scope.cancel()
-        finally:
-            sink._closed = True
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + settings.close_timeout):
-                await _send_batches(sink, push, instance_id, settings, next_seq, until_empty=True)
-                try:
-                    await send_frames(
-                        push,
-                        [encode_deregister(instance_id, settings.worker_id, ip, port)],
-                        max_wait=settings.send_timeout,
-                    )
-                except trio.TooSlowError:
-                    log.warning("lmcache link %s: deregistration not sent", instance_id)
-                else:
-                    log.info("lmcache link %s deregistered", instance_id)
-        if body_error is not None:
-            raise body_error
-    finally:
-        close_socket(rep, linger_ms=0)
-        close_socket(push, linger_ms=settings.linger_ms)
-        # term() waits for queued messages (the deregistration) up to the linger bound.
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(ctx.term)
+    sink = WorkerLinkSink(settings)
+    async with linked(controller_host, ports, instance_id, control, settings, sink):
+        yield sink

@@ -16,8 +16,10 @@ from real_controller_support import RealController
 from pixiu_kv.sim._controller_wire import KvOp, encode_deregister, encode_kv_batch, encode_register
 from pixiu_kv.sim.controller import MemoryTier
 from pixiu_kv.sim.cpu_tier import CpuTier
+from pixiu_kv.sim.engine_config import EngineConfig
+from pixiu_kv.sim.fleet import open_fleet
 from pixiu_kv.sim.lmcache_link import LOCATION, chunk_keys
-from pixiu_kv.sim.lmcache_worker import WorkerLinkSettings, open_lmcache_worker
+from pixiu_kv.sim.lmcache_worker import WorkerLinkSettings, open_lmcache_links, open_lmcache_worker
 
 pytestmark = pytest.mark.integration
 
@@ -230,3 +232,28 @@ def test_frames_decode_as_the_real_message_classes(real_controller: RealControll
         {"op_type": "evict", "key": 2**63 - 1, "seq_num": 1},
     ]
     assert deregister["type"] == "DeRegisterMsg"
+
+
+async def test_simulated_fleet_registered_with_the_real_controller(real_controller: RealController) -> None:
+    config = EngineConfig(speed=1000.0, gpu_kv_tokens=16384, cpu_tier_tokens=8192, max_model_len=8192)
+    text = " ".join(f"word{i % 97}" for i in range(700))
+    async with httpx.AsyncClient(base_url=real_controller.url, timeout=10.0) as controller:
+        async with open_lmcache_links(real_controller.host, real_controller.ports) as links:
+            async with open_fleet(2, config, chunk_sink_factory=links.register) as fleet:
+                with trio.fail_after(WAIT_S):
+                    await links.registered()
+                assert links.failed == []
+                target = fleet.by_id("engine-1")
+                async with httpx.AsyncClient(base_url=target.url, timeout=10.0) as engine:
+                    tokens = (await engine.post("/tokenize", json={"prompt": text})).json()["tokens"]
+                    assert len(tokens) >= 512
+                    reply = await engine.post("/v1/completions", json={"prompt": text, "max_tokens": 1})
+                    assert reply.status_code == 200, reply.text
+                full = len(tokens) // 256 * 256
+                layout = await eventually(lookup(controller, tokens), bool)
+                assert layout == {"engine-1": [LOCATION, full]}
+        # The fleet and its links are gone: the controller forgot both engines.
+        stats = await eventually(
+            key_stats(controller), lambda s: not instance_ids(s) & {"engine-0", "engine-1"}
+        )
+        assert not instance_ids(stats) & {"engine-0", "engine-1"}

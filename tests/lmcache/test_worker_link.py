@@ -31,6 +31,7 @@ from pixiu_kv.sim.lmcache_worker import (
     ControllerPorts,
     RegistrationError,
     WorkerLinkSettings,
+    open_lmcache_links,
     open_lmcache_worker,
 )
 
@@ -313,3 +314,50 @@ def test_frame_encodings() -> None:
         decode_frame(pack({"no": "type"}))
     with pytest.raises(WireError):
         decode_frame(b"{not json")
+
+
+async def test_link_group_registers_in_call_order_and_deregisters_all(
+    zmq_context: zmq.Context[zmq.Socket[bytes]],
+) -> None:
+    first, second = MemoryTier(), MemoryTier()
+    async with fake_controller(zmq_context) as fake, trio.open_nursery() as nursery:
+        registrations: list[str] = []
+
+        async def controller_side() -> None:
+            for _ in range(2):
+                registrations.append((await fake.accept_registration())["instance_id"])
+
+        nursery.start_soon(controller_side)
+        async with open_lmcache_links("127.0.0.1", fake.ports) as links:
+            # Reports made before registration are buffered, then sent.
+            first.attach(links.register("engine-0", first))
+            first.store(prompt(256))
+            second.attach(links.register("engine-1", second))
+            with pytest.raises(ValueError):
+                links.register("engine-0", first)
+            with trio.fail_after(WAIT_S):
+                await links.registered()
+            assert links.failed == []
+            batch = await fake.next_push()
+        pushes = [await fake.next_push(), await fake.next_push()]
+
+    assert registrations == ["engine-0", "engine-1"]
+    assert batch["instance_id"] == "engine-0"
+    assert [op["op_type"] for op in batch["operations"]] == ["admit"]
+    assert sorted((p["type"], p["instance_id"]) for p in pushes) == [
+        ("DeRegisterMsg", "engine-0"),
+        ("DeRegisterMsg", "engine-1"),
+    ]
+
+
+async def test_link_group_records_failed_registrations(zmq_context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    tier = MemoryTier()
+    async with fake_controller(zmq_context) as fake:
+        settings = WorkerLinkSettings(register_timeout=0.2)
+        async with open_lmcache_links("127.0.0.1", fake.ports, settings) as links:
+            sink = links.register("engine-0", tier)
+            with trio.fail_after(WAIT_S):
+                await links.registered()
+            assert links.failed == ["engine-0"]
+            sink.admit([1])  # a sink without a link drops, never raises
+            assert sink.stats.dropped == 1
