@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None,
                    help="stop starting sessions after this many seconds (default 300, quick 30)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--max-sessions", type=int, default=None,
+                   help="use only the first N sessions of each workload (smoke runs)")
     p.add_argument("--engines", type=int, default=4)
     p.add_argument("--speed", type=float, default=None,
                    help="sim speed factor (default: what keeps the machine's CPUs out of the way)")
@@ -97,6 +99,7 @@ class _Options:
     external_model: str
     smg: str | None
     plots: bool
+    max_sessions: int | None
     command: str
 
 
@@ -111,7 +114,8 @@ def _options(args: argparse.Namespace, argv: list[str]) -> _Options:
         engines=args.engines, speed=args.speed, cache_fraction=args.cache_fraction,
         cpu_tier_ratio=args.cpu_tier_ratio, api=args.api, stream=not args.no_stream,
         external_url=args.external_url, external_model=args.external_model, smg=args.smg,
-        plots=not args.no_plots, command="python -m benchmarks " + shlex.join(argv))
+        plots=not args.no_plots, max_sessions=args.max_sessions,
+        command="python -m benchmarks " + shlex.join(argv))
 
 
 def _plan(opts: _Options, workload: Workload) -> FleetPlan:
@@ -209,6 +213,8 @@ async def run_benchmarks(opts: _Options) -> list[dict[str, Any]]:
     for name in opts.workloads:
         spec = default_spec(name, quick=opts.quick)
         workload = build_workload(spec, seed=opts.seed, api=opts.api)  # type: ignore[arg-type]
+        if opts.max_sessions is not None:
+            workload = attrs.evolve(workload, sessions=workload.sessions[: max(1, opts.max_sessions)])
         plan = _plan(opts, workload)
         info = {"sessions": len(workload.sessions), "requests": workload.request_count,
                 "distinct_prefix_tokens": distinct_prefix_tokens(spec), "api": workload.sessions[0].api,

@@ -238,14 +238,24 @@ async def run_load(base_url: str, workload: Workload, settings: LoadSettings, *,
         nonlocal started
         started += 1
         answers: list[str] = []
-        for turn in range(len(session.turns)):
-            sample, answer = await _one_request(client, clock, session, turn, answers, settings,
-                                                default_endpoint)
+        def record(sample: Sample) -> None:
             samples.append(sample)
             if on_sample is not None:
                 on_sample(sample)
             if progress is not None:
                 progress.step(sample.ok)
+
+        for turn in range(len(session.turns)):
+            start = clock.now()
+            try:
+                sample, answer = await _one_request(client, clock, session, turn, answers, settings,
+                                                    default_endpoint)
+            except trio.Cancelled:
+                # The run's drain deadline cut it: it counts as an error, not as nothing.
+                record(Sample(session_id=session.session_id, turn=turn, start_s=start, end_s=clock.now(),
+                              ok=False, error="cut at the run's deadline"))
+                raise
+            record(sample)
             if not sample.ok:
                 return  # a broken conversation cannot continue with a real history
             answers.append(answer)

@@ -22,7 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,6 +30,8 @@ from typing import Any, BinaryIO
 import attrs
 import httpx
 import trio
+
+from .sizing import PREFILL_TOKENS_PER_S
 
 __all__ = [
     "TARGET_NAMES",
@@ -124,8 +126,16 @@ class ProcessMeter:
 
 # -- configuration -------------------------------------------------------------------------
 
+def _kvcache_has_routing() -> bool:
+    try:
+        from pixiu_kv.config import KvCacheConfig
+    except ImportError:
+        return False
+    return any(f.name == "routing" for f in attrs.fields(KvCacheConfig))
+
+
 def gateway_config(target: str, engines: Sequence[tuple[str, str]], controller_url: str, *,
-                   model: str = "") -> dict[str, Any]:
+                   model: str = "", prefill_tokens_per_s: float = 10_000.0) -> dict[str, Any]:
     """The gateway configuration (decoded-TOML form) of a gateway target."""
     if target not in GATEWAY_TARGETS:
         raise ValueError(f"{target!r} is not a gateway target")
@@ -146,6 +156,10 @@ def gateway_config(target: str, engines: Sequence[tuple[str, str]], controller_u
             "token_cache": {"enabled": True, "max_size": 100_000},
             "lookup_routing_timeout": "50ms",
         }
+        if target == "pixiu-kv" and _kvcache_has_routing():
+            # Every routing capability at its defaults (the recommended settings), with the
+            # cost model's prior set to the engines' real prefill rate.
+            kv["routing"] = {"prefill_tokens_per_second": prefill_tokens_per_s}
         filters.append({"name": "dgp.filter.ai.kvcache", "config": kv})
     filters.append({"name": "dgp.filter.llm.proxy", "config": {}})
     return {
@@ -211,15 +225,21 @@ async def _stop(proc: trio.Process) -> None:
 
 
 @asynccontextmanager
-async def _child(argv: list[str], what: str, log_path: Path | None) -> AsyncIterator[trio.Process]:
+async def _child(argv: list[str], what: str, log_path: Path | None, *,
+                 stdout_to_log: bool = False) -> AsyncIterator[trio.Process]:
+    """A child process with stderr (and, for chatty programs, stdout) in ``log_path``.
+
+    An unread stdout pipe would fill up and block the child, so only children that report
+    on stdout (one line, read at once) keep it as a pipe.
+    """
     log: BinaryIO | int = subprocess.DEVNULL
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log = await trio.to_thread.run_sync(open, log_path, "ab")
     try:
         try:
-            proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                    stderr=log)
+            proc = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.PIPE, stdout=log if stdout_to_log else subprocess.PIPE, stderr=log)
         except OSError as exc:
             raise TargetUnavailable(f"{what} could not be started: {exc}") from None
         try:
@@ -245,17 +265,63 @@ async def open_fleet_process(settings: FleetSettings, *, log_dir: Path | None = 
                         model=info["model"], pid=proc.pid)
 
 
-async def _wait_ready(url: str, deadline_s: float, what: str) -> None:
+def _smg_workers_ready(expected: int, model: str) -> Callable[[httpx.Response], bool]:
+    """All workers registered, healthy, and serving ``model``.
+
+    A worker whose model smg could not read at registration ("unknown") never serves
+    requests, so it does not count as ready.
+    """
+    def check(resp: httpx.Response) -> bool:
+        try:
+            workers = resp.json().get("workers") or []
+        except (ValueError, AttributeError):
+            return False
+        ready = [w for w in workers if isinstance(w, dict) and w.get("is_healthy")
+                 and w.get("model_id") == model]
+        return len(ready) >= expected
+    return check
+
+
+async def _wait_ready(url: str, deadline_s: float, what: str,
+                      accept: Callable[[httpx.Response], bool] | None = None) -> None:
     async with httpx.AsyncClient(timeout=2.0) as client:
         with trio.move_on_after(deadline_s):
             while True:
                 try:
-                    if (await client.get(url)).status_code < 300:
+                    resp = await client.get(url)
+                    if resp.status_code < 300 and (accept is None or accept(resp)):
                         return
                 except httpx.HTTPError:
                     pass
                 await trio.sleep(0.2)  # a child process's readiness: poll it
     raise TargetUnavailable(f"{what} did not become ready at {url} within {deadline_s:g}s")
+
+
+async def _start_smg(stack: AsyncExitStack, smg_path: str, info: FleetInfo,
+                     log_dir: Path | None) -> tuple[trio.Process, str]:
+    """Launch smg with ``cache_aware`` over the fleet; retried once if its workers never get ready."""
+    last: TargetUnavailable | None = None
+    for attempt in range(2):
+        port, prom = _free_port(), _free_port()
+        argv = [smg_path, "launch", "--host", "127.0.0.1", "--port", str(port),
+                "--worker-urls", *[url for _, url in info.engines], "--policy", "cache_aware",
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prom), "--log-level", "warn"]
+        log_path = log_dir / f"smg-{attempt}.log" if log_dir else None
+        child = AsyncExitStack()
+        proc = await child.enter_async_context(_child(argv, "smg", log_path, stdout_to_log=True))
+        url = f"http://127.0.0.1:{port}"
+        try:
+            # smg answers /health before its workers are registered: wait for all of them.
+            await _wait_ready(url + "/workers", STARTUP_TIMEOUT_S / 3, "smg's workers",
+                              _smg_workers_ready(len(info.engines), info.model))
+        except TargetUnavailable as exc:
+            last = exc
+            await child.aclose()
+            continue
+        stack.push_async_exit(child)
+        return proc, url
+    assert last is not None
+    raise last
 
 
 def _gateway_available() -> str | None:
@@ -301,18 +367,13 @@ async def open_target(name: str, fleet: FleetSettings, *, log_dir: Path | None =
                                description="min predicted TTFT from the engines' own state")
         elif name == "sglang":
             assert smg_path is not None
-            port, prom = _free_port(), _free_port()
-            argv = [smg_path, "launch", "--host", "127.0.0.1", "--port", str(port),
-                    "--worker-urls", *[url for _, url in info.engines], "--policy", "cache_aware",
-                    "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prom)]
-            log_path = log_dir / "smg.log" if log_dir else None
-            proc = await stack.enter_async_context(_child(argv, "smg", log_path))
-            url = f"http://127.0.0.1:{port}"
-            await _wait_ready(url + "/health", STARTUP_TIMEOUT_S, "smg")
+            proc, url = await _start_smg(stack, smg_path, info, log_dir)
             yield TargetHandle(name, url, info.model, ids, stats_url=stats_url, meter=ProcessMeter(proc.pid),
                                description="SGLang Model Gateway, policy cache_aware")
         else:
-            config = gateway_config(name, info.engines, info.controller_url, model=info.model)
+            speed = float(fleet.engine.get("speed", 1.0))
+            config = gateway_config(name, info.engines, info.controller_url, model=info.model,
+                                    prefill_tokens_per_s=PREFILL_TOKENS_PER_S * speed)
             log_path = log_dir / f"gateway-{name}.log" if log_dir else None
             proc = await stack.enter_async_context(
                 _child([sys.executable, "-m", "benchmarks._gateway", json.dumps(config)], "the gateway",
