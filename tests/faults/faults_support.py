@@ -101,8 +101,13 @@ async def wait_until(predicate: Callable[[], bool], limit: float = 20.0) -> None
 
 
 def gateway_toml(endpoints: Sequence[tuple[str, str]], *, tokenizer_url: str, lmcache_url: str,
-                 kvcache: bool = True, proxy: str = "", cluster: str = "", kv: str = "",
-                 listener: str = "") -> str:
+                 kvcache: bool = True, proxy: dict[str, str] | None = None, cluster: str = "",
+                 kv: dict[str, str] | None = None, listener: str = "") -> str:
+    proxy_fields = {"max_connections_per_endpoint": "2048", "first_byte_timeout": '"5s"',
+                    "idle_timeout": '"5s"', **(proxy or {})}
+    proxy_text = "\n".join(f"{k} = {v}" for k, v in proxy_fields.items())
+    kv_fields = {"lookup_routing_timeout": '"50ms"', "request_timeout": '"300ms"', **(kv or {})}
+    kv_text = "\n".join(f"{k} = {v}" for k, v in kv_fields.items())
     eps = "\n".join(
         f'[[clusters.endpoints]]\nid = "{eid}"\naddress = "{url}"\nmax_in_flight = 2048\n'
         for eid, url in endpoints)
@@ -133,9 +138,7 @@ enabled = {"true" if kvcache else "false"}
 vllm_endpoint = "{tokenizer_url}"
 lmcache_endpoint = "{lmcache_url}"
 default_model = "{MODEL}"
-lookup_routing_timeout = "50ms"
-request_timeout = "300ms"
-{kv}
+{kv_text}
 [http_filters.config.token_cache]
 enabled = true
 [http_filters.config.retry]
@@ -147,10 +150,7 @@ recovery_timeout = "30s"
 [[http_filters]]
 name = "llm_proxy"
 [http_filters.config]
-max_connections_per_endpoint = 2048
-first_byte_timeout = "5s"
-idle_timeout = "5s"
-{proxy}
+{proxy_text}
 """
 
 
