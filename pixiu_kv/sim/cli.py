@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-kv-tokens", type=int, default=defaults.gpu_kv_tokens)
     parser.add_argument("--cpu-tier-tokens", type=int, default=defaults.cpu_tier_tokens,
                         help="LMCache CPU tier per engine (0: no LMCache)")
+    parser.add_argument("--stream-interval", type=int, default=defaults.stream_interval,
+                        help="stream new tokens every N decode steps (vLLM's --stream-interval)")
     parser.add_argument("--no-controller", action="store_true", help="do not run the controller emulator")
     parser.add_argument("--controller-port", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the fleet as one JSON line")
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         config = EngineConfig(
             model=args.model, speed=args.speed, max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len, gpu_kv_tokens=args.gpu_kv_tokens,
-            cpu_tier_tokens=args.cpu_tier_tokens,
+            cpu_tier_tokens=args.cpu_tier_tokens, stream_interval=args.stream_interval,
         )
         if args.engines < 1:
             raise ValueError("--engines must be at least 1")

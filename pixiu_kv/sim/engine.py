@@ -271,43 +271,59 @@ class SimEngine:
         await _respond(send, 200, body)
 
     async def _serve_stream(self, req: GenerationRequest, send: Send, request_id: str, created: int) -> None:
+        """Stream events, one body write per decode step; the last step, the usage chunk,
+        ``[DONE]`` and the end of the body go out in one write."""
         renderer = StreamRenderer(req, request_id, created)
         drop_after = self.faults.config.drop_after_chunks
+        pending: list[bytes] = []
         sent = 0
 
-        async def emit(event: bytes) -> None:
+        async def flush(more_body: bool) -> None:
             nonlocal sent
-            if drop_after is not None and sent >= drop_after:
+            if drop_after is not None and sent + len(pending) > drop_after:
+                allowed = pending[: drop_after - sent]
+                if allowed:
+                    await send({"type": "http.response.body", "body": b"".join(allowed), "more_body": True})
                 raise _StreamCut
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-            sent += 1
+            body = b"".join(pending)
+            sent += len(pending)
+            pending.clear()
+            await send({"type": "http.response.body", "body": body, "more_body": more_body})
+
+        interval = self.config.stream_interval
+        unsent: list[list[int]] = [[] for _ in range(req.n)]
 
         async def on_step(step: int, ids: list[int], plan: PrefillPlan) -> None:
             if step == 0:
-                for event in renderer.role_events():
-                    await emit(event)
-            for event in renderer.token_events(step, ids, plan.cached_tokens):
-                await emit(event)
+                pending.extend(renderer.role_events())
+            for held, token in zip(unsent, ids, strict=True):
+                held.append(token)
+            last = step == req.max_tokens - 1
+            # vLLM's --stream-interval: the first token at once, then every ``interval`` tokens.
+            if step == 0 or last or len(unsent[0]) >= interval:
+                pending.extend(renderer.token_events(unsent, last, plan.cached_tokens))
+                for held in unsent:
+                    held.clear()
+            if pending and not last:
+                await flush(True)
 
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         try:
-            if drop_after == 0:
-                raise _StreamCut
             try:
                 gen = await self.scheduler.generate(
                     req.prompt_ids, req.max_tokens, n=req.n, seed=req.seed, on_step=on_step,
                     extra_token_delay=self.faults.config.slow_stream_s,
                 )
             except EngineOverloaded:
-                await emit(b"data: " + error_json("The engine's waiting queue is full",
-                                                  "ServiceUnavailableError", 503) + b"\n\n")
+                pending.append(b"data: " + error_json("The engine's waiting queue is full",
+                                                      "ServiceUnavailableError", 503) + b"\n\n")
             else:
                 if req.include_usage:
-                    await emit(renderer.usage_event(gen.plan.cached_tokens))
-            await emit(_DONE)
+                    pending.append(renderer.usage_event(gen.plan.cached_tokens))
+            pending.append(_DONE)
+            await flush(False)
         except _StreamCut:
             return  # no final body message: hypercorn closes the connection mid-stream
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     # -- other vLLM routes ------------------------------------------------------------------
 

@@ -55,6 +55,8 @@ class EngineConfig:
     decode_interval_s: float = attrs.field(default=0.015, validator=_positive)
     decode_batch_slope: float = attrs.field(default=0.002, validator=_non_negative)
     """Each running sequence lengthens the decode step by this fraction."""
+    stream_interval: int = attrs.field(default=1, validator=_positive)
+    """Like vLLM's ``--stream-interval``: a stream carries new tokens every this many steps."""
     max_model_len: int = attrs.field(default=32768, validator=_positive)
     default_max_tokens: int = attrs.field(default=16, validator=_positive)
     seed: int = 0

@@ -277,14 +277,15 @@ class StreamRenderer:
             for i in range(self._req.n)
         ]
 
-    def token_events(self, step: int, ids: list[int], cached: int) -> list[bytes]:
+    def token_events(self, ids: Sequence[Sequence[int]], last: bool, cached: int) -> list[bytes]:
+        """One event per choice carrying the text of its new tokens (one token, or several
+        when the engine streams every ``stream_interval`` tokens)."""
         req = self._req
-        last = step == req.max_tokens - 1
         finish = '"length","stop_reason":null' if last else "null"
         events: list[bytes] = []
-        for index, token in enumerate(ids):
-            text = _dumps(detokenize((token,)))
-            self._sent_tokens += 1
+        for index, tokens in enumerate(ids):
+            text = _dumps(detokenize(tokens))
+            self._sent_tokens += len(tokens)
             if req.kind == "chat":
                 choices = (f'[{{"index":{index},"delta":{{"content":{text}}},'
                            f'"logprobs":null,"finish_reason":{finish}}}]')

@@ -3,9 +3,11 @@
 Up to ``max_num_seqs`` requests run at once; more wait in a bounded FIFO (head-of-line,
 like vLLM) until a slot and enough KV blocks are free. Prefill is serialized on one
 GPU lane: a request's prefill starts when the lane is free, so queued prompts see
-each other's prefill time in their TTFT. Decoding runs per request at an interval that
-grows with the batch. Everything is computed from ``trio.current_time()``, so tests can
-use an autojump clock.
+each other's prefill time in their TTFT. Streaming requests decode in lockstep, one
+token per batch step, at an interval that grows with the batch (as one vLLM engine
+step serves every running sequence); one waiter keeps the step timer and the others
+park, which keeps hundreds of streams cheap. Everything is computed from
+``trio.current_time()``, so tests can use an autojump clock.
 """
 
 from __future__ import annotations
@@ -80,6 +82,11 @@ class Scheduler:
         self._running = 0
         self._waiting: deque[_Waiter] = deque()
         self._prefill_free_at = 0.0
+        self._step = 0
+        self._step_time = 0.0
+        self._step_timer_held = False
+        self._decoding = 0
+        self._step_lot = trio.lowlevel.ParkingLot()
 
     @property
     def running(self) -> int:
@@ -126,6 +133,27 @@ class Scheduler:
         self._running -= 1
         self._admit_waiting()
 
+    async def _wait_step(self, after: int, extra_delay: float) -> int:
+        """Wait until the batch step counter passes ``after``; returns the new step.
+
+        One waiter holds the step timer; the others park. If the holder is cancelled,
+        everyone wakes and a new holder takes over without losing the step's time.
+        """
+        while self._step <= after:
+            if self._step_timer_held:
+                await self._step_lot.park()
+                continue
+            self._step_timer_held = True
+            try:
+                deadline = self._step_time + self.cost.decode_interval(self._running) + extra_delay
+                await trio.sleep_until(deadline)
+                self._step += 1
+                self._step_time = deadline
+            finally:
+                self._step_timer_held = False
+                self._step_lot.unpark_all()
+        return self._step
+
     def _plan(self, prompt_ids: Sequence[int], allocation: BlockAllocation,
               keys: list[int]) -> PrefillPlan:
         prompt_len = len(prompt_ids)
@@ -145,6 +173,23 @@ class Scheduler:
                 )
                 compressed = min(compressed_chunks * tier.chunk_size, cpu_hit)
         return self.cost.plan_prefill(prompt_len, gpu_hit, cpu_hit, compressed)
+
+    async def _decode_lockstep(self, base: int, n: int, max_tokens: int, outputs: list[list[int]],
+                               plan: PrefillPlan, on_step: StepCallback, extra_delay: float) -> None:
+        if self._decoding == 0:
+            # The batch was idle: the first step is one interval from now.
+            self._step_time = trio.current_time()
+        self._decoding += 1
+        try:
+            seen = self._step
+            for step in range(1, max_tokens):
+                seen = await self._wait_step(seen, extra_delay)
+                ids = [output_token(base, c, step) for c in range(n)]
+                for out, token in zip(outputs, ids, strict=True):
+                    out.append(token)
+                await on_step(step, ids, plan)
+        finally:
+            self._decoding -= 1
 
     def _digest(self, prompt_ids: Sequence[int], seed: int | None) -> int:
         return zlib.crc32(array("I", prompt_ids)) ^ ((seed or 0) & 0xFFFFFFFF) ^ self.config.seed
@@ -191,14 +236,9 @@ class Scheduler:
             outputs: list[list[int]] = [[output_token(base, c, 0)] for c in range(n)]
             if on_step is not None:
                 await on_step(0, [out[0] for out in outputs], plan)
-                deadline = trio.current_time()
-                for step in range(1, max_tokens):
-                    deadline += self.cost.decode_interval(self._running) + extra_token_delay
-                    await trio.sleep_until(deadline)
-                    ids = [output_token(base, c, step) for c in range(n)]
-                    for out, token in zip(outputs, ids, strict=True):
-                        out.append(token)
-                    await on_step(step, ids, plan)
+                if max_tokens > 1:
+                    await self._decode_lockstep(base, n, max_tokens, outputs, plan, on_step,
+                                                extra_token_delay)
             else:
                 if max_tokens > 1:
                     per_token = self.cost.decode_interval(self._running) + extra_token_delay

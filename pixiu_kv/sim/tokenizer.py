@@ -29,7 +29,6 @@ __all__ = [
 
 VOCAB_SIZE = 32000
 _FIRST_REGULAR_ID = 256
-_MAX_PIECE_CHARS = 6
 
 BOS = "<|begin_of_text|>"
 _START_HEADER = "<|start_header_id|>"
@@ -43,39 +42,38 @@ BOS_ID = _SPECIAL_IDS[BOS]
 
 _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL_TOKENS) + ")")
 # GPT-2-like pre-tokenization: a word keeps its leading space; whitespace runs before a
-# word leave their last space to it.
-_PIECES = re.compile(r" ?[A-Za-z]+| ?[0-9]{1,3}| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
+# word leave their last space to it. Long words are cut into pieces of at most six
+# letters by the pattern itself, so every piece is one token.
+_PIECES = re.compile(
+    r" ?[A-Za-z]{1,6}| ?[0-9]{1,3}| ?[^\sA-Za-z0-9]{1,6}|\s+(?!\S)|\s+"
+)
 
 # Bounded memo tables: prompts repeat (multi-turn chat), so most text is seen before.
 _PIECE_CACHE_MAX = 200_000
 _SEGMENT_CACHE_MAX = 8192
 _SEGMENT_CACHE_MAX_CHARS = 256 * 1024
-_piece_ids: dict[str, int] = {}
-_segment_ids: dict[str, tuple[int, ...]] = {}
 
 
-def _piece_id(piece: str) -> int:
-    token = _piece_ids.get(piece)
-    if token is None:
+class _PieceIds(dict[str, int]):
+    """piece -> id, computed on first use; cleared when full (ids never change)."""
+
+    def __missing__(self, piece: str) -> int:
         token = _FIRST_REGULAR_ID + zlib.crc32(piece.encode()) % (VOCAB_SIZE - _FIRST_REGULAR_ID)
-        if len(_piece_ids) >= _PIECE_CACHE_MAX:
-            _piece_ids.clear()
-        _piece_ids[piece] = token
-    return token
+        if len(self) >= _PIECE_CACHE_MAX:
+            self.clear()
+        self[piece] = token
+        return token
+
+
+_piece_ids = _PieceIds()
+_segment_ids: dict[str, tuple[int, ...]] = {}
 
 
 def _tokenize_segment(segment: str) -> tuple[int, ...]:
     cached = _segment_ids.get(segment)
     if cached is not None:
         return cached
-    ids: list[int] = []
-    for piece in _PIECES.findall(segment):
-        if len(piece) <= _MAX_PIECE_CHARS:
-            ids.append(_piece_id(piece))
-        else:
-            for start in range(0, len(piece), _MAX_PIECE_CHARS):
-                ids.append(_piece_id(piece[start : start + _MAX_PIECE_CHARS]))
-    result = tuple(ids)
+    result = tuple(map(_piece_ids.__getitem__, _PIECES.findall(segment)))
     if len(segment) <= _SEGMENT_CACHE_MAX_CHARS:
         if len(_segment_ids) >= _SEGMENT_CACHE_MAX:
             del _segment_ids[next(iter(_segment_ids))]

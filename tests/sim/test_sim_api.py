@@ -179,3 +179,22 @@ async def test_body_size_is_bounded(engine: SimEngine) -> None:
         reply = await http.post("/v1/completions", json={"prompt": "x" * 5000})
         assert reply.status_code == 413
         assert reply.json()["error"]["code"] == 413
+
+
+async def test_stream_interval_batches_tokens(engine: SimEngine) -> None:
+    import attrs
+
+    from pixiu_kv.sim import serve_engine
+
+    batched = SimEngine(attrs.evolve(engine.config, stream_interval=3))
+    async with serve_engine(batched) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        body = {"prompt": "batch my tokens", "max_tokens": 7, "stream": True,
+                "stream_options": {"include_usage": True}}
+        reply = await http.post("/v1/completions", json=body)
+        chunks = [json.loads(p) for p in sse_events(reply.text)[:-1]]
+        token_chunks, usage = chunks[:-1], chunks[-1]
+        assert len(token_chunks) == 3  # token 1, tokens 2-4, tokens 5-7
+        assert usage["usage"]["completion_tokens"] == 7
+        unary = (await http.post("/v1/completions", json={**body, "stream": False,
+                                                          "stream_options": None})).json()
+        assert "".join(c["choices"][0]["text"] for c in token_chunks) == unary["choices"][0]["text"]

@@ -8,8 +8,10 @@ import trio.testing
 from sim_helpers import RecordingSink
 
 from pixiu_kv.sim import EngineConfig, EngineOverloaded, SimEngine
+from pixiu_kv.sim.costmodel import PrefillPlan
 from pixiu_kv.sim.lmcache_link import LOCATION, chunk_keys
 from pixiu_kv.sim.prefix_cache import block_hashes
+from pixiu_kv.sim.scheduler import StepCallback
 from pixiu_kv.sim.tokenizer import tokenize_prompt
 
 
@@ -138,3 +140,38 @@ async def test_speed_scales_simulated_time(autojump_clock: trio.testing.MockCloc
     a = await slow.scheduler.generate(prompt, 1)
     b = await fast.scheduler.generate(prompt, 1)
     assert b.ttft_s == pytest.approx(a.ttft_s / 100, rel=0.01)
+
+
+async def test_streams_decode_in_lockstep_and_survive_a_cancelled_peer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    engine = _engine()
+    times: dict[int, list[float]] = {i: [] for i in range(4)}
+
+    def recorder(i: int) -> StepCallback:
+        async def on_step(step: int, ids: list[int], plan: PrefillPlan) -> None:
+            times[i].append(trio.current_time())
+        return on_step
+
+    async def stream(i: int, max_tokens: int) -> None:
+        await engine.scheduler.generate(_prompt(1, salt=i), max_tokens, on_step=recorder(i))
+
+    async def doomed_stream(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            await stream(3, 1000)
+
+    async with trio.open_nursery() as nursery:
+        # Stream 3 decodes first, so it holds the step timer when it is cancelled.
+        doomed = await nursery.start(doomed_stream)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(3):
+            nursery.start_soon(stream, i, 20)
+        await trio.sleep(0.1)
+        doomed.cancel()
+    assert [len(times[i]) for i in range(3)] == [20, 20, 20]
+    assert 1 < len(times[3]) < 1000
+    # After the first token, every stream's tokens land on the shared batch steps.
+    shared_steps = set(times[0][1:]) & set(times[1][1:]) & set(times[2][1:])
+    assert len(shared_steps) >= 15
+    assert engine.scheduler.running == 0
