@@ -98,6 +98,9 @@ class HotPrefixes:
         n = self.fleet_size
         return max(1, min(n, math.ceil(share * n / self._threshold - 1e-9)))
 
+    def is_hot(self, key: int) -> bool:
+        return key in self._hot
+
     def share(self, key: int, now: float) -> float:
         heat = self._tracked.get(key)
         total = self._total * self._decay(self._total_since, now)
@@ -105,35 +108,43 @@ class HotPrefixes:
             return 0.0
         return min(heat.count * self._decay(heat.since, now) / total, 1.0)
 
-    def replicas(self, key: int, wanted: int, tokens: tuple[int, ...], eligible: Iterable[str],
-                 holders: Iterable[str], load_of: Callable[[str], float]) -> list[str]:
+    def replicas(self, key: int, wanted: int, tokens: tuple[int, ...], usable: Callable[[str], bool],
+                 holders: Iterable[str], by_load: Callable[[], list[str]]) -> list[str]:
         """The engines that serve hot prefix ``key``: kept ones first, then real holders, then
-        the least loaded (by ``load_of``), up to ``wanted``. Empty when the prefix is not hot."""
+        the least loaded (``by_load()``: usable engines, least loaded first), up to ``wanted``.
+        Empty when the prefix is not hot. O(replicas) when nothing changes."""
+        if wanted < 2:
+            if key in self._hot:
+                self._cool(key)
+            return []
         heat = self._tracked.get(key)
-        if heat is None or wanted < 2:
-            if heat is not None and heat.replicas:
-                heat.replicas.clear()
-                heat.tokens = None
-                self._hot.discard(key)
+        if heat is None:
             return []
         if key not in self._hot:
             if len(self._hot) >= self._max_hot:
                 return []
             self._hot.add(key)
-        if heat.tokens is None:
             heat.tokens = tokens[: heat.length]
-        usable = set(eligible)
-        chosen = [e for e in heat.replicas if e in usable][:wanted]
+        kept = heat.replicas
+        if len(kept) >= wanted and all(usable(e) for e in kept[:wanted]):
+            return kept[:wanted]
+        chosen = [e for e in kept if usable(e)][:wanted]
         for endpoint_id in holders:
             if len(chosen) >= wanted:
                 break
-            if endpoint_id in usable and endpoint_id not in chosen:
+            if endpoint_id not in chosen and usable(endpoint_id):
                 chosen.append(endpoint_id)
         if len(chosen) < wanted:
-            rest = sorted((e for e in usable if e not in chosen), key=lambda e: (load_of(e), e))
-            chosen.extend(rest[: wanted - len(chosen)])
+            chosen.extend([e for e in by_load() if e not in chosen][: wanted - len(chosen)])
         heat.replicas = chosen
         return chosen
+
+    def _cool(self, key: int) -> None:
+        self._hot.discard(key)
+        heat = self._tracked.get(key)
+        if heat is not None:
+            heat.replicas = []
+            heat.tokens = None
 
     def placements(self, now: float) -> list[HotPlacement]:
         """Where each currently hot prefix should be kept; cold ones are dropped here."""
@@ -142,9 +153,7 @@ class HotPrefixes:
             heat = self._tracked[key]
             wanted = self._wanted(heat, now)
             if wanted < 2 or heat.tokens is None:
-                heat.replicas.clear()
-                heat.tokens = None
-                self._hot.discard(key)
+                self._cool(key)
                 continue
             share = self.share(key, now)
             out.extend(HotPlacement(key=key, endpoint_id=e, tokens=heat.tokens, share=share)

@@ -104,11 +104,11 @@ class PrefixIndex:
         return matched
 
     def held_uses(self, endpoint_id: str, tokens: Sequence[int] | PrefixKeys,
-                  now: float | None = None) -> list[float]:
+                  now: float | None = None) -> list[float | None]:
         """Last-use times of the leading blocks the endpoint holds (prefix order)."""
         pk = self.keys(tokens)
         cutoff = self._cutoff(endpoint_id, self._now(now))
-        uses: list[float] = []
+        uses: list[float | None] = []
         for key in pk.keys:
             self.lookups += 1
             entry = self._entries.get(key)
@@ -121,40 +121,46 @@ class PrefixIndex:
     # -- updates ---------------------------------------------------------------------
 
     def record(self, endpoint_id: str, tokens: Sequence[int] | PrefixKeys,
-               now: float | None = None) -> list[float]:
+               now: float | None = None) -> list[float | None]:
         """The endpoint holds the prompt's blocks from now on.
 
-        Returns the previous last-use times of the leading blocks it already held, which
+        Returns each block's previous last use by this endpoint (None: not held), which
         :meth:`observe` needs later to tell how old an evicted block was.
         """
         pk = self.keys(tokens)
         keys = pk.keys
         now = self._now(now)
-        cutoff = self._cutoff(endpoint_id, now)
         entries = self._entries
-        prior: list[float | None] = [None] * len(keys)
+        get = entries.get
+        move_to_end = entries.move_to_end
+        prior: list[float | None] = []
+        append = prior.append
         # Deepest first: a prefix must end up at least as recent as its extensions.
-        for i in range(len(keys) - 1, -1, -1):
-            key = keys[i]
-            self.lookups += 1
-            entry = entries.get(key)
+        for key in reversed(keys):
+            entry = get(key)
             if entry is None:
                 entries[key] = {endpoint_id: now}
+                append(None)
             else:
-                entries.move_to_end(key)
-                prior[i] = entry.get(endpoint_id)
+                move_to_end(key)
+                append(entry.get(endpoint_id))
                 entry[endpoint_id] = now
+        self.lookups += len(keys)
         while len(entries) > self._max_entries:
             entries.popitem(last=False)
-        held: list[float] = []
-        for used in prior:
+        prior.reverse()
+        return prior
+
+    def held_depth(self, endpoint_id: str, uses: Sequence[float | None], now: float | None = None) -> int:
+        """How many leading blocks of ``uses`` (as :meth:`record` returned) were held."""
+        cutoff = self._cutoff(endpoint_id, self._now(now))
+        for depth, used in enumerate(uses):
             if used is None or used <= cutoff:
-                break
-            held.append(used)
-        return held
+                return depth
+        return len(uses)
 
     def observe(self, endpoint_id: str, tokens: Sequence[int] | PrefixKeys, cached_tokens: int,
-                now: float | None = None, *, prior: Sequence[float] | None = None) -> bool:
+                now: float | None = None, *, prior: Sequence[float | None] | None = None) -> bool:
         """An engine reports it had ``cached_tokens`` of this prompt before serving it.
 
         Fewer than we believed means it evicted the first block it lacked, and with it,
@@ -167,13 +173,14 @@ class PrefixIndex:
         """
         pk = self.keys(tokens)
         now = self._now(now)
-        uses = list(prior) if prior is not None else self.held_uses(endpoint_id, pk, now)
+        uses = prior if prior is not None else self.held_uses(endpoint_id, pk, now)
+        uses = uses[: self.held_depth(endpoint_id, uses, now)]
         corrected = False
         # vLLM recomputes a prompt's last token even when fully cached, so a report up to one
         # base block short of the belief is no evidence of eviction.
         confirmed = cached_tokens + self._schedule.block_size
         for i, used in enumerate(uses):
-            if pk.ends[i] > confirmed:
+            if used is not None and pk.ends[i] > confirmed:
                 if used > self._watermark.get(endpoint_id, _NEVER):
                     self._watermark[endpoint_id] = used
                 corrected = True

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
+from typing import Final
 
 import attrs
 
@@ -64,12 +65,25 @@ class _EndpointState:
         self.queue = PrefillQueue()
 
 
+# One eligible endpoint during a decision (a plain tuple: built 16 times per decision).
+_Row = tuple[EndpointView, _EndpointState, float, int, bool, int, int, float]
+_VIEW: Final = 0
+_STATE: Final = 1
+_QUEUED: Final = 2
+_LOAD: Final = 3
+_OVERLOADED: Final = 4
+_REAL: Final = 5
+_EFFECTIVE: Final = 6
+_TTFT: Final = 7
+
+
 class _Pending:
     __slots__ = ("created", "endpoint_id", "keys", "load", "matched", "prefilled", "prior",
                  "prompt_tokens", "queued", "ttft", "work")
 
     def __init__(self, endpoint_id: str, work: float, queued: float, load: int, matched: int,
-                 prompt_tokens: int, keys: PrefixKeys | None, prior: list[float], created: float) -> None:
+                 prompt_tokens: int, keys: PrefixKeys | None, prior: list[float | None],
+                 created: float) -> None:
         self.endpoint_id = endpoint_id
         self.work = work
         self.queued = queued
@@ -161,107 +175,113 @@ class Router:
                     matched[instance_id] = count
 
         # Eligible endpoints: healthy and not full (counting requests routed but not yet
-        # seen in flight by the proxy: a burst must not overrun max_in_flight).
+        # seen in flight by the proxy: a burst must not overrun max_in_flight). One pass
+        # computes each one's cost; a hot prefix's replicas are re-costed after.
         ratio = cfg.overload_in_flight_ratio
         max_queue = cfg.overload_queue_time
-        rows: list[tuple[EndpointView, _EndpointState, float, int, bool]] = []
+        running = cfg.running_request_cost
+        per_cached = self._cached_cost
+        salt = (keys.keys[-1] if keys is not None and keys.keys
+                else stable_hash(session_key) if session_key else 0)
+        cost_model = cfg.cost_model
+        states = self._states
+        id_hashes = self._id_hashes
+        rows: list[_Row] = []
+        ranks: list[tuple[float, int, int, int]] = []
+        best_eligible_real = 0
         for view in endpoints:
             if not view.healthy:
                 continue
-            state = self._states.get(view.id) or self._state(view)
-            load = max(view.in_flight, state.queue.outstanding)
+            endpoint_id = view.id
+            state = states.get(endpoint_id) or self._state(view)
+            queue = state.queue
+            load = view.in_flight if view.in_flight > queue.outstanding else queue.outstanding
             if load >= view.max_in_flight:
                 continue
-            queued = state.queue.backlog(now)
-            rows.append((view, state, queued, load, load >= ratio * view.max_in_flight or queued > max_queue))
+            queued = queue.backlog(now)
+            overloaded = load >= ratio * view.max_in_flight or queued > max_queue
+            real = 0 if overloaded or not matched else matched.get(endpoint_id, 0)
+            if real > best_eligible_real:
+                best_eligible_real = real
+            learner = state.learner
+            uncached_cost = learner.per_token
+            fixed = queued + running * load + learner.base
+            ttft = fixed + uncached_cost * (prompt_tokens - real) + per_cached * real
+            tie = id_hashes[endpoint_id] ^ salt
+            ranks.append((ttft // _COST_RESOLUTION if cost_model else -real, load, tie, len(rows)))
+            rows.append((view, state, queued, load, overloaded, real, real, ttft))
         if not rows:
             self._decisions["no-endpoint"] += 1
             return Decision(endpoint_id=None, reason="no-endpoint", matched_tokens=0,
                             prompt_tokens=prompt_tokens)
 
-        # Hot prefix: the deepest prefix anyone holds, if popular, gets replicas.
+        # Hot prefix: the deepest prefix anyone holds, if popular, gets replicas, which are
+        # then costed as if they held it (the first request to a new replica places it).
         replicas: list[str] = []
         hot_tokens = 0
         best_real = max(matched.values(), default=0)
         if self._hot is not None and keys is not None:
             self._hot.count_request(now)
-            if best_real >= cfg.hot_min_tokens:
-                block = keys.block_at(best_real)
-                if block >= 0:
-                    hot_tokens = keys.ends[block]
-                    self._hot.fleet_size = len(rows)
-                    wanted = self._hot.note(keys.keys[block], hot_tokens, now)
-                    loads = {row[0].id: row[2] + cfg.running_request_cost * row[3] for row in rows}
+            block = keys.block_at(best_real) if best_real >= cfg.hot_min_tokens else -1
+            if block >= 0:
+                hot_tokens = keys.ends[block]
+                self._hot.fleet_size = len(rows)
+                wanted = self._hot.note(keys.keys[block], hot_tokens, now)
+                if wanted > 1 or self._hot.is_hot(keys.keys[block]):
+                    row_of = {row[_VIEW].id: i for i, row in enumerate(rows) if not row[_OVERLOADED]}
                     replicas = self._hot.replicas(
-                        keys.keys[block], wanted, keys.tokens,
-                        eligible=(row[0].id for row in rows if not row[4]),
-                        holders=(e for e, n in matched.items() if n >= hot_tokens),
-                        load_of=loads.__getitem__)
-
-        salt = (keys.keys[-1] if keys is not None and keys.keys
-                else stable_hash(session_key) if session_key else 0)
-        per_cached = self._cached_cost
-        running = cfg.running_request_cost
-        # (rank, ttft, effective match, row); the rank orders, the rest explains.
-        scored: list[tuple[tuple[float, int, int], float, int, int]] = []
-        best_eligible_real = 0
-        for i, (view, state, queued, load, overloaded) in enumerate(rows):
-            real = 0 if overloaded else matched.get(view.id, 0)
-            if real > best_eligible_real:
-                best_eligible_real = real
-            effective = max(real, hot_tokens) if replicas and view.id in replicas else real
-            learner = state.learner
-            ttft = (queued + running * load + learner.base
-                    + learner.per_token * (prompt_tokens - effective) + per_cached * effective)
-            tie = hash((self._id_hashes[view.id], salt))
-            rank = ((ttft // _COST_RESOLUTION, load, tie) if cfg.cost_model
-                    else (-effective, load, tie))
-            scored.append((rank, ttft, effective, i))
+                        keys.keys[block], wanted, keys.tokens, usable=row_of.__contains__,
+                        holders=[e for e, n in matched.items() if n >= hot_tokens],
+                        by_load=lambda: sorted(row_of, key=lambda e: (rows[row_of[e]][_QUEUED], e)))
+                    for endpoint_id in replicas:
+                        i = row_of[endpoint_id]
+                        row = rows[i]
+                        if row[_EFFECTIVE] < hot_tokens:
+                            saved = row[_STATE].learner.per_token - per_cached
+                            ttft = row[_TTFT] - saved * (hot_tokens - row[_EFFECTIVE])
+                            rows[i] = (row[_VIEW], row[_STATE], row[_QUEUED], row[_LOAD],
+                                       row[_OVERLOADED], row[_REAL], hot_tokens, ttft)
+                            _, load, tie, _ = ranks[i]
+                            ranks[i] = (ttft // _COST_RESOLUTION if cost_model else -hot_tokens, load, tie, i)
 
         reason: Reason
-        winner = min(scored)
-        if (best_eligible_real == 0 and not replicas and session_key and cfg.session_affinity):
-            loads_by_id = {row[0].id: row[3] for row in rows if not row[4]}
+        winner = rows[min(ranks)[3]]
+        if best_eligible_real == 0 and not replicas and session_key and cfg.session_affinity:
+            loads_by_id = {row[_VIEW].id: row[_LOAD] for row in rows if not row[_OVERLOADED]}
             picked = self._ring.pick(session_key, [(v.id, v.weight) for v in endpoints], loads_by_id,
                                      cfg.session_load_factor)
             if picked is not None:
-                winner = next(s for s in scored if rows[s[3]][0].id == picked)
+                winner = next(row for row in rows if row[_VIEW].id == picked)
                 reason = "session"
             else:
                 reason = "load"
+        elif replicas and winner[_REAL] < hot_tokens and winner[_VIEW].id in replicas:
+            reason = "hot-spread"
+        elif winner[_REAL] > 0 and winner[_REAL] >= best_eligible_real:
+            reason = "cache"
         else:
-            view_w = rows[winner[3]][0]
-            real_w = 0 if rows[winner[3]][4] else matched.get(view_w.id, 0)
-            if replicas and view_w.id in replicas and real_w < hot_tokens:
-                reason = "hot-spread"
-            elif real_w > 0 and real_w >= best_eligible_real:
-                reason = "cache"
-            elif replicas and view_w.id in replicas and real_w > 0:
-                reason = "hot-spread"
-            else:
-                reason = "load"
+            reason = "load"
 
-        _, ttft_w, _, row_w = winner
-        view, state, queued, load, _overloaded = rows[row_w]
-        real_matched = min(matched.get(view.id, 0), prompt_tokens) if prompt_tokens else 0
+        view = winner[_VIEW]
+        state = winner[_STATE]
+        real_matched = min(matched.get(view.id, 0), prompt_tokens)
         work = state.learner.per_token * (prompt_tokens - real_matched) + per_cached * real_matched
         state.queue.add(work, now)
         prior = (self._index.record(view.id, keys, now)
                  if self._index is not None and keys is not None else [])
         handle = next(self._handles)
-        self._pending[handle] = _Pending(view.id, work, queued, load, real_matched, prompt_tokens,
-                                         keys, prior, now)
+        self._pending[handle] = _Pending(view.id, work, winner[_QUEUED], winner[_LOAD], real_matched,
+                                         prompt_tokens, keys, prior, now)
         if len(self._pending) > cfg.max_pending:
             self._drop(next(iter(self._pending)))
         self._decisions[reason] += 1
 
-        shown = sorted(scored, key=lambda s: s[1])[:_SHOWN_COSTS]
-        costs = tuple(CostLine(endpoint_id=rows[s[3]][0].id, predicted_ttft=s[1],
-                               matched_tokens=s[2], load=rows[s[3]][3], overloaded=rows[s[3]][4])
-                      for s in shown)
+        costs = tuple(CostLine(endpoint_id=row[_VIEW].id, predicted_ttft=row[_TTFT],
+                               matched_tokens=row[_EFFECTIVE], load=row[_LOAD], overloaded=row[_OVERLOADED])
+                      for row in (rows[r[3]] for r in sorted(ranks)[:_SHOWN_COSTS]))
         return Decision(endpoint_id=view.id, reason=reason, matched_tokens=real_matched,
                         prompt_tokens=prompt_tokens, costs=costs, reservation=handle,
-                        predicted_ttft=ttft_w)
+                        predicted_ttft=winner[_TTFT])
 
     # -- feedback --------------------------------------------------------------------
 
@@ -307,7 +327,8 @@ class Router:
             return
         self._release(pending, self._clock if now is None else now)
         if self._index is not None and pending.keys is not None:
-            kept = pending.keys.ends[len(pending.prior) - 1] if pending.prior else 0
+            depth = self._index.held_depth(pending.endpoint_id, pending.prior)
+            kept = pending.keys.ends[depth - 1] if depth else 0
             self._index.discard(pending.endpoint_id, pending.keys, kept)
 
     def _release(self, pending: _Pending, now: float) -> _EndpointState | None:

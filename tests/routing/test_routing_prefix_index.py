@@ -148,7 +148,8 @@ def test_a_lower_cached_count_means_older_entries_of_that_endpoint_were_evicted(
     # A new turn of old_a is routed to e1 (the index believes 1024 cached) ...
     turn = old_a + _prompt(4, 200)
     prior = index.record("e1", turn, now=60.0)
-    assert len(prior) == len(index.schedule.ends(1024))
+    assert len(prior) == len(index.schedule.ends(1224))
+    assert index.held_depth("e1", prior, now=60.0) == len(index.schedule.ends(1024))
     # ... but the engine had only 256 of them: it evicted what we last used at t=1.
     assert index.observe("e1", turn, cached_tokens=256, now=61.0, prior=prior)
     matched = index.match(old_b, now=62.0)

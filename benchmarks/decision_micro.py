@@ -1,0 +1,146 @@
+"""CPU cost of one routing decision: a 4k-token prompt over 16 endpoints (goal: <= 100 us).
+
+    python -m benchmarks.decision_micro [--iterations N] [--endpoints N] [--tokens N]
+
+Measured with ``time.process_time`` (CPU of this process, not wall time) over batches of
+decisions; the callbacks that release reservations run between batches, outside the
+measurement. Prompts come from a pool: 8 groups sharing a system prompt of half the
+length, each with its own question, so the index holds real matches (several endpoints
+hold each group's prefix) as in a shared-prefix workload. Reported: the median of
+``--repeats`` runs, per decision, for each part of the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+from pixiu_kv.routing import Decision, EndpointView, PrefixKeys, Router, RoutingConfig
+
+_BATCH = 32
+
+
+def _pool(tokens: int, groups: int, per_group: int, seed: int = 7) -> list[list[int]]:
+    rnd = random.Random(seed)
+    systems = [[rnd.randrange(128_000) for _ in range(tokens // 2)] for _ in range(groups)]
+    return [systems[g] + [rnd.randrange(128_000) for _ in range(tokens - tokens // 2)]
+            for _ in range(per_group) for g in range(groups)]
+
+
+def _warm(router: Router, fleet: Sequence[EndpointView], prompts: Sequence[Sequence[int]]) -> None:
+    now = 0.0
+    for prompt in prompts:
+        d = router.decide(fleet, prompt, None, None, now)
+        router.on_first_byte(d, 0.2)
+        router.on_complete(d, None, None, now + 0.2)
+        now += 0.01
+
+
+class _Bench:
+    """One warmed router and its inputs; each ``*_batch`` method is one measured batch."""
+
+    def __init__(self, endpoints: int, tokens: int) -> None:
+        self.fleet = [EndpointView(f"engine-{i:02d}", in_flight=i % 5, max_in_flight=256)
+                      for i in range(endpoints)]
+        self.prompts = _pool(tokens, groups=8, per_group=16)
+        self.router = Router(RoutingConfig())
+        _warm(self.router, self.fleet, self.prompts)
+        self.keys = [self.router.prefix_keys(p) for p in self.prompts]
+        self.lookups = [{self.fleet[i % endpoints].id: tokens // 2} for i in range(len(self.prompts))]
+        index = self.router.index
+        assert index is not None
+        self.index = index
+        self.now = 1000.0
+        self.decisions: list[Decision] = []
+
+    def release(self) -> None:
+        for d in self.decisions:
+            self.router.on_failure(d)
+        self.decisions.clear()
+
+    def _decide(self, start: int, source: Sequence[Sequence[int] | PrefixKeys], with_lookup: bool) -> None:
+        now = self.now
+        decide = self.router.decide
+        for i in range(start, start + _BATCH):
+            j = i % len(source)
+            self.decisions.append(decide(self.fleet, source[j], self.lookups[j] if with_lookup else None,
+                                         None, now))
+        self.now = now + 0.5
+
+    def decide_tokens(self, start: int) -> None:
+        self._decide(start, self.prompts, False)
+
+    def decide_tokens_lookup(self, start: int) -> None:
+        self._decide(start, self.prompts, True)
+
+    def decide_keys(self, start: int) -> None:
+        self._decide(start, self.keys, False)
+
+    def block_keys(self, start: int) -> None:
+        for k in range(start, start + _BATCH):
+            self.index.schedule.keys(self.prompts[k % len(self.prompts)])
+
+    def index_match(self, start: int) -> None:
+        for k in range(start, start + _BATCH):
+            self.index.match(self.keys[k % len(self.keys)], 2000.0)
+
+    def index_record(self, start: int) -> None:
+        for k in range(start, start + _BATCH):
+            self.index.record("engine-00", self.keys[k % len(self.keys)], 2000.0)
+
+    def reference(self, start: int) -> None:
+        """Hashing the prompt's ids once (a lower bound of any exact prefix key)."""
+        for k in range(start, start + _BATCH):
+            hash(tuple(self.prompts[k % len(self.prompts)]))
+
+
+def _per_call(bench: _Bench, fn: Callable[[int], None], iterations: int) -> float:
+    """CPU seconds per call; reservations are released between batches, unmeasured."""
+    spent = 0.0
+    done = 0
+    while done < iterations:
+        t0 = time.process_time()
+        fn(done)
+        spent += time.process_time() - t0
+        bench.release()
+        done += _BATCH
+    return spent / done
+
+
+def measure(iterations: int, endpoints: int, tokens: int, repeats: int) -> dict[str, float]:
+    results: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        bench = _Bench(endpoints, tokens)
+        for name, fn in (
+            ("decide(token ids)", bench.decide_tokens),
+            ("decide(token ids) + LMCache lookup", bench.decide_tokens_lookup),
+            ("decide(cached PrefixKeys)", bench.decide_keys),
+            ("  part: block keys", bench.block_keys),
+            ("  part: index match", bench.index_match),
+            ("  part: index record", bench.index_record),
+            ("reference: hash(tuple(token ids))", bench.reference),
+        ):
+            results.setdefault(name, []).append(_per_call(bench, fn, iterations))
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--iterations", type=int, default=4000)
+    parser.add_argument("--endpoints", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    results = measure(args.iterations, args.endpoints, args.tokens, args.repeats)
+    print(f"routing decision CPU, {args.tokens}-token prompt, {args.endpoints} endpoints, "
+          f"median of {args.repeats} x {args.iterations} decisions (time.process_time):")
+    reference = results["reference: hash(tuple(token ids))"]
+    for name, seconds in results.items():
+        print(f"  {name:<40} {seconds * 1e6:8.1f} us  ({seconds / reference:4.1f} x reference)")
+
+
+if __name__ == "__main__":
+    main()
