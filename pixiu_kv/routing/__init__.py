@@ -13,6 +13,7 @@ from ._router import LearnedCost, Router, RouterStats
 from ._session import SessionRing, stable_hash
 from ._types import CostLine, Decision, EndpointView, Reason
 from .config import RoutingConfig, read_routing_config
+from .usage import Usage, UsageScanner
 
 __all__ = [
     "BlockSchedule",
@@ -31,6 +32,8 @@ __all__ = [
     "RouterStats",
     "RoutingConfig",
     "SessionRing",
+    "Usage",
+    "UsageScanner",
     "read_routing_config",
     "stable_hash",
 ]
