@@ -174,16 +174,24 @@ async def _one_request(client: httpx.AsyncClient, clock: _Clock, session: Sessio
                     text.append(_chunk_text(event))
                     usage = _usage(event)
                 else:
+                    # Read to the end of the body even after [DONE]: leaving httpx's stream
+                    # iterators half-consumed leaks them to the garbage collector.
+                    done = False
                     async for line in resp.aiter_lines():
-                        if not line.startswith("data:"):
+                        if done or not line.startswith("data:"):
                             continue
                         data = line[5:].strip()
                         if data == "[DONE]":
-                            break
-                        event = json.loads(data)
-                        if "error" in event:
-                            error = f"stream error: {_error_message(data.encode())}"
-                            break
+                            done = True
+                            continue
+                        try:
+                            event = json.loads(data)
+                        except ValueError:
+                            error, done = "stream error: undecodable event", True
+                            continue
+                        if not isinstance(event, dict) or "error" in event:
+                            error, done = f"stream error: {_error_message(data.encode())}", True
+                            continue
                         piece = _chunk_text(event)
                         if piece:
                             now = clock.now()
