@@ -114,20 +114,21 @@ def _regular_text(token: int) -> str:
     return "".join(parts)
 
 
+_TOKEN_TEXT: tuple[str, ...] = (
+    *SPECIAL_TOKENS,
+    *("" for _ in range(len(SPECIAL_TOKENS), _FIRST_REGULAR_ID)),
+    *(_regular_text(token) for token in range(_FIRST_REGULAR_ID, VOCAB_SIZE)),
+)
+
+
 def detokenize(ids: Sequence[int]) -> str:
     """Deterministic text for ``ids`` (specials exactly; other ids as made-up syllables).
 
     Not the inverse of :func:`tokenize`: ids only keep a hash of the original text.
+    Ids outside the vocabulary give no text.
     """
-    out: list[str] = []
-    for token in ids:
-        if 0 <= token < len(SPECIAL_TOKENS):
-            out.append(SPECIAL_TOKENS[token])
-        elif token < _FIRST_REGULAR_ID:
-            out.append("")
-        else:
-            out.append(_regular_text(token))
-    return "".join(out)
+    table = _TOKEN_TEXT
+    return "".join([table[t] if 0 <= t < VOCAB_SIZE else "" for t in ids])
 
 
 class ChatTemplateError(ValueError):
