@@ -27,7 +27,7 @@ from ._cost import PrefillLearner, PrefillQueue
 from ._hot import HotPlacement, HotPrefixes
 from ._prefix_index import PrefixIndex
 from ._session import SessionRing, stable_hash
-from ._types import CostLine, Decision, EndpointView, Reason
+from ._types import Decision, EndpointView, Reason
 from .config import RoutingConfig
 
 __all__ = ["LearnedCost", "Router", "RouterStats"]
@@ -276,12 +276,11 @@ class Router:
             self._drop(next(iter(self._pending)))
         self._decisions[reason] += 1
 
-        costs = tuple(CostLine(endpoint_id=row[_VIEW].id, predicted_ttft=row[_TTFT],
-                               matched_tokens=row[_EFFECTIVE], load=row[_LOAD], overloaded=row[_OVERLOADED])
+        shown = tuple((row[_VIEW].id, row[_TTFT], row[_EFFECTIVE], row[_LOAD], row[_OVERLOADED])
                       for row in (rows[r[3]] for r in sorted(ranks)[:_SHOWN_COSTS]))
         return Decision(endpoint_id=view.id, reason=reason, matched_tokens=real_matched,
-                        prompt_tokens=prompt_tokens, costs=costs, reservation=handle,
-                        predicted_ttft=winner[_TTFT])
+                        prompt_tokens=prompt_tokens, reservation=handle, predicted_ttft=winner[_TTFT],
+                        cost_rows=shown)
 
     # -- feedback --------------------------------------------------------------------
 

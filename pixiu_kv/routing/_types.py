@@ -55,11 +55,17 @@ class Decision:
     reason: Reason
     matched_tokens: int
     prompt_tokens: int
-    # The cheapest few endpoints, cheapest first (the winner is not always first: a session
-    # or a hot-prefix replica can win over a cheaper endpoint).
-    costs: tuple[CostLine, ...] = ()
     reservation: int = 0
     predicted_ttft: float | None = None
+    # (endpoint id, predicted ttft, matched tokens, load, overloaded) of the cheapest few,
+    # kept raw: building value objects for every decision would cost more than the decision.
+    cost_rows: tuple[tuple[str, float, int, int, bool], ...] = attrs.field(default=(), repr=False)
+
+    @property
+    def costs(self) -> tuple[CostLine, ...]:
+        """The cheapest few endpoints, cheapest first (the winner is not always first: a
+        session or a hot-prefix replica can win over a cheaper endpoint)."""
+        return tuple(CostLine(*row) for row in self.cost_rows)
 
     def route_hint(self) -> RouteHint:
         """The request context's hint for the proxy (``ctx.route_hint``)."""
