@@ -114,11 +114,16 @@ def _regular_text(token: int) -> str:
     return "".join(parts)
 
 
-_TOKEN_TEXT: tuple[str, ...] = (
-    *SPECIAL_TOKENS,
-    *("" for _ in range(len(SPECIAL_TOKENS), _FIRST_REGULAR_ID)),
-    *(_regular_text(token) for token in range(_FIRST_REGULAR_ID, VOCAB_SIZE)),
-)
+_token_text: list[str] = []
+"""Text of every id, built on first use (a fixed 32k table: bounded)."""
+
+
+def _token_table() -> list[str]:
+    if not _token_text:
+        _token_text.extend(SPECIAL_TOKENS)
+        _token_text.extend("" for _ in range(len(SPECIAL_TOKENS), _FIRST_REGULAR_ID))
+        _token_text.extend(_regular_text(token) for token in range(_FIRST_REGULAR_ID, VOCAB_SIZE))
+    return _token_text
 
 
 def detokenize(ids: Sequence[int]) -> str:
@@ -127,7 +132,7 @@ def detokenize(ids: Sequence[int]) -> str:
     Not the inverse of :func:`tokenize`: ids only keep a hash of the original text.
     Ids outside the vocabulary give no text.
     """
-    table = _TOKEN_TEXT
+    table = _token_table()
     return "".join([table[t] if 0 <= t < VOCAB_SIZE else "" for t in ids])
 
 
