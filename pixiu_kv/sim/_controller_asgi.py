@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -39,7 +40,10 @@ class Faults:
     500 ``{"detail": "injected fault"}``. ``hang``: requests wait until the hang is released
     (``ControllerEmulator.release_hangs`` or faults without ``hang``), the client goes away,
     or ``hang_limit`` seconds pass, then are answered normally. ``garbage``: 200 with a body
-    that is not JSON.
+    that is not JSON. ``dead_instances``: requests the controller would forward to these
+    instances' workers (``/pin``, ``/clear``, ``/compress``, ``/decompress``, ``/health``,
+    ``/evict``) hang like ``hang``, as the real controller hangs on a worker that died
+    without deregistering; lookups still name them.
     """
 
     latency: float = attrs.field(default=0.0, validator=_non_negative)
@@ -48,6 +52,7 @@ class Faults:
     hang_limit: float = attrs.field(default=60.0, validator=_non_negative)
     garbage: bool = False
     paths: frozenset[str] | None = None
+    dead_instances: frozenset[str] = frozenset()
 
     def applies_to(self, method: str, path: str) -> bool:
         if method != "POST":
@@ -68,7 +73,7 @@ class FaultBox:
 
     def set(self, faults: Faults) -> None:
         self.faults = faults
-        if not faults.hang:
+        if not faults.hang and not faults.dead_instances:
             self.release()
 
     def release(self) -> None:
@@ -114,7 +119,8 @@ class ControllerAsgi:
         if faults.applies_to(method, path):
             if faults.latency > 0:
                 await trio.sleep(faults.latency)
-            if faults.hang and not await self._hang(faults, receive):
+            hang = faults.hang or _targets_dead_worker(path, raw, faults.dead_instances)
+            if hang and not await self._hang(faults, receive):
                 return  # the client went away while the request hung
             if faults.error_rate > 0 and self.faults.rng.random() < faults.error_rate:
                 self.faults.injected += 1
@@ -177,6 +183,19 @@ class ControllerAsgi:
                 self.faults.release()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+_WORKER_ROUTES = frozenset({"/pin", "/clear", "/compress", "/decompress", "/health", "/evict"})
+
+
+def _targets_dead_worker(path: str, raw: bytes, dead: frozenset[str]) -> bool:
+    if not dead or path not in _WORKER_ROUTES:
+        return False
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return False  # validation answers it
+    return isinstance(body, dict) and body.get("instance_id") in dead
 
 
 async def _reply(send: Send, reply: ApiReply) -> None:

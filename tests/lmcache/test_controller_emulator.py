@@ -319,3 +319,34 @@ async def test_fault_latency_is_applied(emulator: ControllerEmulator, client: ht
     # Not a timing assertion: a client deadline below the added latency must expire.
     with pytest.raises(httpx.ReadTimeout):
         await client.post("/lookup", json={"tokens": [1]}, timeout=0.05)
+
+
+async def test_fault_dead_instance_hangs_worker_routes_only(
+    emulator: ControllerEmulator, client: httpx.AsyncClient
+) -> None:
+    tokens = prompt(600)
+    register(emulator, "A").store(tokens)
+    register(emulator, "B")
+    emulator.faults = Faults(dead_instances=frozenset({"A"}))
+
+    # Lookups still name the dead instance; other instances' worker routes still answer.
+    assert (await client.post("/lookup", json={"tokens": tokens})).json()["layout_info"] == {
+        "A": [LOCATION, 512]
+    }
+    assert (await client.post("/health", json={"instance_id": "B"})).status_code == 200
+    with pytest.raises(httpx.ReadTimeout):
+        await client.post("/health", json={"instance_id": "A"}, timeout=0.2)
+
+    results: list[int] = []
+
+    async def pin() -> None:
+        reply = await client.post("/pin", json={"instance_id": "A", "location": LOCATION, "tokens": tokens})
+        results.append(reply.status_code)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pin)
+        with trio.fail_after(10):
+            await emulator.wait_held_requests(1)
+        assert results == []
+        emulator.faults = Faults()
+    assert results == [200]
