@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -206,52 +205,60 @@ def _cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
-async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    scale = 1 if args.quick else 4
-    scenarios = [Scenario(False, 1, 300 * scale), Scenario(True, 1, 300 * scale),
-                 Scenario(False, 32, 1000 * scale), Scenario(True, 32, 1000 * scale)]
+@attrs.frozen
+class Processes:
+    engine: subprocess.Popen[bytes]
+    gateway: subprocess.Popen[bytes]
+    engine_url: str
+    gateway_url: str
+
+
+def _start(tmp: Path, log_level: str) -> Processes:
     engine_port, gateway_port = _free_port(), _free_port()
     engine_url, gateway_url = f"http://127.0.0.1:{engine_port}", f"http://127.0.0.1:{gateway_port}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    engine = subprocess.Popen([sys.executable, "-m", "benchmarks.overhead", "--serve-engine", str(engine_port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with tempfile.TemporaryDirectory() as tmp:
-        config_path = Path(tmp) / "gateway.toml"
-        config_path.write_text(_gateway_config(engine_url, args.log_level))
-        gateway = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from pixiu_kv.cli import main; sys.exit(main())",
-             "serve", "--config", str(config_path), "--port", str(gateway_port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            await _wait_ready(engine_url, engine, "/health")
-            await _wait_ready(gateway_url, gateway, "/ready")
-            gw = psutil.Process(gateway.pid)
-            rows = []
-            for scenario in scenarios:
-                direct = await _load(engine_url, scenario, args.time_limit)
-                cpu_before = _cpu_seconds(gw)
-                via = await _load(gateway_url, scenario, args.time_limit)
-                cpu = _cpu_seconds(gw) - cpu_before
-                # Includes the warm-up requests, which also went through the gateway.
-                handled = len(via.latencies) + via.errors + scenario.concurrency
-                rows.append({
-                    "scenario": scenario.name,
-                    "requests": len(via.latencies),
-                    "errors": direct.errors + via.errors,
-                    "direct_p50_ms": direct.pct(0.5) * 1e3,
-                    "direct_p99_ms": direct.pct(0.99) * 1e3,
-                    "gateway_p50_ms": via.pct(0.5) * 1e3,
-                    "gateway_p99_ms": via.pct(0.99) * 1e3,
-                    "added_p50_ms": (via.pct(0.5) - direct.pct(0.5)) * 1e3,
-                    "added_p99_ms": (via.pct(0.99) - direct.pct(0.99)) * 1e3,
-                    "p50_ratio": via.pct(0.5) / direct.pct(0.5),
-                    "direct_rps": len(direct.latencies) / direct.wall,
-                    "gateway_rps": len(via.latencies) / via.wall,
-                    "gateway_cpu_ms_per_request": cpu / handled * 1e3,
-                })
-        finally:
-            _stop(gateway)
-            _stop(engine)
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.overhead", "--serve-engine", str(engine_port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    config_path = tmp / "gateway.toml"
+    config_path.write_text(_gateway_config(engine_url, log_level))
+    gateway = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pixiu_kv.cli import main; sys.exit(main())",
+         "serve", "--config", str(config_path), "--port", str(gateway_port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return Processes(engine, gateway, engine_url, gateway_url)
+
+
+async def _run(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
+    scale = 1 if args.quick else 4
+    scenarios = [Scenario(False, 1, 300 * scale), Scenario(True, 1, 300 * scale),
+                 Scenario(False, 32, 1000 * scale), Scenario(True, 32, 1000 * scale)]
+    await _wait_ready(procs.engine_url, procs.engine, "/health")
+    await _wait_ready(procs.gateway_url, procs.gateway, "/ready")
+    gw = psutil.Process(procs.gateway.pid)
+    rows = []
+    for scenario in scenarios:
+        direct = await _load(procs.engine_url, scenario, args.time_limit)
+        cpu_before = _cpu_seconds(gw)
+        via = await _load(procs.gateway_url, scenario, args.time_limit)
+        cpu = _cpu_seconds(gw) - cpu_before
+        # Includes the warm-up requests, which also went through the gateway.
+        handled = len(via.latencies) + via.errors + scenario.concurrency
+        rows.append({
+            "scenario": scenario.name,
+            "requests": len(via.latencies),
+            "errors": direct.errors + via.errors,
+            "direct_p50_ms": direct.pct(0.5) * 1e3,
+            "direct_p99_ms": direct.pct(0.99) * 1e3,
+            "gateway_p50_ms": via.pct(0.5) * 1e3,
+            "gateway_p99_ms": via.pct(0.99) * 1e3,
+            "added_p50_ms": (via.pct(0.5) - direct.pct(0.5)) * 1e3,
+            "added_p99_ms": (via.pct(0.99) - direct.pct(0.99)) * 1e3,
+            "p50_ratio": via.pct(0.5) / direct.pct(0.5),
+            "direct_rps": len(direct.latencies) / direct.wall,
+            "gateway_rps": len(via.latencies) / via.wall,
+            "gateway_cpu_ms_per_request": cpu / handled * 1e3,
+        })
     return {"cores": psutil.cpu_count(), "log_level": args.log_level, "scenarios": rows}
 
 
@@ -270,7 +277,8 @@ def _table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (about a minute)")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per run at most")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
@@ -281,7 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_engine:
         _serve_engine(args.serve_engine)
         return 0
-    result = trio.run(_run, args)
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = _start(Path(tmp), args.log_level)
+        try:
+            result = trio.run(_run, args, procs)
+        finally:
+            _stop(procs.gateway)
+            _stop(procs.engine)
     print(json.dumps(result, indent=2) if args.json else _table(result))
     errors = sum(r["errors"] for r in result["scenarios"])
     return 1 if errors else 0
