@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 import hypercorn.config
@@ -23,6 +23,9 @@ import trio
 from .engine import SimEngine
 from .engine_config import EngineConfig
 from .lmcache_link import ChunkSink, WorkerControl
+
+if TYPE_CHECKING:
+    from .controller import ControllerEmulator
 
 __all__ = ["ChunkSinkFactory", "Fleet", "FleetEngine", "open_fleet", "serve_engine"]
 
@@ -42,8 +45,8 @@ class FleetEngine:
 class Fleet:
     engines: tuple[FleetEngine, ...]
     controller_url: str | None = None
-    controller: Any = None
-    """The :class:`~pixiu_kv.sim.controller.ControllerEmulator` when the fleet runs one."""
+    controller: ControllerEmulator | None = None
+    """The controller emulator when the fleet runs one."""
 
     @property
     def urls(self) -> list[str]:
@@ -129,7 +132,7 @@ async def open_fleet(
     engines = [SimEngine(c) for c in configs]
     async with AsyncExitStack() as stack:
         controller_url: str | None = None
-        emulator: Any = None
+        emulator: ControllerEmulator | None = None
         factory = chunk_sink_factory
         if factory is None and controller:
             from .controller import open_controller_emulator

@@ -219,7 +219,8 @@ class Scheduler:
             metrics.prefix_queries += prompt_len
             metrics.prefix_hits += plan.gpu_hit_tokens
             if self.cpu_tier.enabled:
-                metrics.external_queries += prompt_len - plan.gpu_hit_tokens
+                # vLLM counts every prompt token as queried from the KV connector.
+                metrics.external_queries += prompt_len
                 metrics.external_hits += plan.cpu_hit_tokens
             start = max(trio.current_time(), self._prefill_free_at)
             done = start + plan.seconds
