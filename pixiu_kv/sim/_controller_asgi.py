@@ -20,6 +20,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 GARBAGE_BODY = b"<html>controller fault: not JSON</html>"
+_CLIENT_GONE = b"\x00client gone"  # compared by identity, never a real body
 
 
 def _non_negative(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
@@ -112,6 +113,8 @@ class ControllerAsgi:
         method: str = scope["method"]
         path: str = scope["path"]
         raw = await self._read_body(receive)
+        if raw is _CLIENT_GONE:
+            return
         if raw is None:
             await _reply(send, ApiReply(413, b'{"detail":"Request body too large"}'))
             return
@@ -136,12 +139,13 @@ class ControllerAsgi:
         await _reply(send, handle_request(self.state, method, path, query, raw, content_type))
 
     async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body; None when it exceeds the limit, ``_CLIENT_GONE`` on disconnect."""
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return b"".join(chunks)
+                return _CLIENT_GONE
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_body_bytes:

@@ -6,7 +6,7 @@ import httpx
 import pytest
 import trio
 
-from pixiu_kv.sim.controller import ControllerEmulator, Faults, MemoryTier
+from pixiu_kv.sim.controller import ControllerEmulator, Faults, MemoryTier, open_controller_emulator
 from pixiu_kv.sim.lmcache_link import LOCATION, chunk_keys
 
 
@@ -350,3 +350,22 @@ async def test_fault_dead_instance_hangs_worker_routes_only(
         assert results == []
         emulator.faults = Faults()
     assert results == [200]
+
+
+async def test_body_size_is_bounded() -> None:
+    async with open_controller_emulator(ControllerEmulator(max_body_bytes=1000)) as emulator:
+        async with httpx.AsyncClient(base_url=emulator.url, timeout=10.0) as client:
+            too_big = await client.post("/lookup", json={"tokens": list(range(1000))})
+            assert too_big.status_code == 413
+            assert (await client.post("/lookup", json={"tokens": [1, 2]})).status_code == 200
+
+
+async def test_worker_query_parameters_are_validated(
+    emulator: ControllerEmulator, client: httpx.AsyncClient
+) -> None:
+    register(emulator, "A")
+    bad = await client.get("/controller/workers", params={"instance_id": "A", "worker_id": "x"})
+    assert bad.status_code == 422
+    assert bad.json()["detail"][0]["loc"] == ["query", "worker_id"]
+    missing = await client.get("/controller/workers", params={"instance_id": "A", "worker_id": "3"})
+    assert missing.status_code == 404
