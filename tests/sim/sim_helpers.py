@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 
 import trio
@@ -53,3 +54,17 @@ async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None
     with trio.fail_after(within):
         while not condition():  # noqa: ASYNC110
             await trio.sleep(0.005)
+
+
+async def open_raw_stream(url: str, path: str, body: dict[str, object]) -> trio.SocketStream:
+    """POST ``body`` as JSON on a bare socket and return the socket (the reply unread).
+
+    Lets a test leave mid-reply by closing the socket, with no client library in between.
+    """
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    data = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(data)}\r\n\r\n").encode()
+    await stream.send_all(head + data)
+    return stream

@@ -198,3 +198,18 @@ async def test_stream_interval_batches_tokens(engine: SimEngine) -> None:
         unary = (await http.post("/v1/completions", json={**body, "stream": False,
                                                           "stream_options": None})).json()
         assert "".join(c["choices"][0]["text"] for c in token_chunks) == unary["choices"][0]["text"]
+
+
+async def test_chat_template_options_and_bad_messages(client: httpx.AsyncClient) -> None:
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    cont = (await client.post("/tokenize", json={"messages": messages, "add_generation_prompt": False,
+                                                  "continue_final_message": True})).json()
+    assert cont["tokens"] == tokenize_chat(messages, False, True)
+    assert cont["tokens"][-1] != tokenize_chat(messages, False)[-1]  # no end-of-turn token
+    for bad in ([], [{"content": "no role"}], [{"role": "user", "content": 5}], "text"):
+        reply = await client.post("/v1/chat/completions", json={"messages": bad})
+        assert reply.status_code == 400, bad
+        assert reply.json()["error"]["param"] == "messages"
+    both = await client.post("/tokenize", json={"messages": messages, "add_generation_prompt": True,
+                                                 "continue_final_message": True})
+    assert both.status_code == 400

@@ -8,7 +8,7 @@ import attrs
 import httpx
 import pytest
 import trio
-from sim_helpers import sse_events, wait_until
+from sim_helpers import open_raw_stream, sse_events, wait_until
 
 from pixiu_kv.sim import EngineConfig, FaultConfig, SimEngine, serve_engine
 
@@ -101,3 +101,40 @@ async def test_full_queue_answers_503_and_disconnect_frees_the_slot() -> None:
             nursery.cancel_scope.cancel()
         await wait_until(lambda: engine.scheduler.running == 0)
         assert engine.prefix_cache.used_blocks == 0
+
+
+async def test_client_leaving_mid_stream_frees_the_request(engine: SimEngine) -> None:
+    engine.set_faults(slow_stream_s=0.05)
+    async with serve_engine(engine) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        stream = await open_raw_stream(url, "/v1/completions",
+                                       {"prompt": "leave early", "max_tokens": 500, "stream": True})
+        received = b""
+        with trio.fail_after(5):
+            while b"data: " not in received:
+                received += await stream.receive_some(65536)
+        assert engine.scheduler.running == 1
+        assert engine.prefix_cache.used_blocks > 0
+        await stream.aclose()
+        await wait_until(lambda: engine.scheduler.running == 0)
+        assert engine.prefix_cache.used_blocks == 0
+        assert engine.metrics.requests_aborted == 1
+        assert (await http.get("/load")).json() == {"server_load": 0}
+
+
+async def test_request_limit_answers_503() -> None:
+    engine = SimEngine(EngineConfig(speed=1000.0, max_concurrent_requests=1))
+    async with serve_engine(engine) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        await http.post("/sim/faults", json={"hang": True})
+        await wait_until(lambda: engine._inflight == 0)  # the fault call has fully finished
+        async with trio.open_nursery() as nursery:
+            async def hung() -> None:
+                await http.post("/v1/completions", json={"prompt": "x"})
+
+            nursery.start_soon(hung)
+            await wait_until(lambda: engine._inflight == 1)
+            refused = await http.get("/v1/models")
+            assert refused.status_code == 503
+            assert refused.json()["error"]["type"] == "ServiceUnavailableError"
+            nursery.cancel_scope.cancel()
+        await wait_until(lambda: engine._inflight == 0)
+        assert (await http.get("/v1/models")).status_code == 200
