@@ -9,11 +9,13 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 import attrs
 import trio
 import zmq
 
+from pixiu_kv.sim._controller_full_sync import FullSyncPlan, run_full_sync, wants_full_sync
 from pixiu_kv.sim._controller_wire import (
     KvOp,
     WireError,
@@ -65,7 +67,8 @@ class WorkerLinkSettings:
     ``bind_host`` is where the control socket listens and the address the controller is
     told to connect to (``advertise_ip`` overrides the latter). ``worker_port`` 0 picks a
     free port. ``max_pending`` caps distinct chunk keys waiting to be sent (more are
-    dropped and counted); ``batch_size`` caps operations per message.
+    dropped and counted); ``batch_size`` caps operations per message. ``max_held`` caps
+    the keys remembered for a full sync (see ``heartbeat_interval``).
     """
 
     worker_id: int = 0
@@ -78,6 +81,7 @@ class WorkerLinkSettings:
     send_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     close_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     heartbeat_interval: float | None = None
+    max_held: int = attrs.field(default=1_000_000, validator=attrs.validators.gt(0))
     linger_ms: int = 2000
 
 
@@ -91,6 +95,9 @@ class LinkStats:
     send_failures: int = 0
     control_requests: int = 0
     heartbeats: int = 0
+    full_syncs: int = 0
+    untracked: int = 0
+    """Admitted keys not remembered for a full sync because ``max_held`` was reached."""
 
 
 class RegistrationError(RuntimeError):
@@ -111,6 +118,8 @@ class WorkerLinkSink:
         """The worker's control port, known once the link has bound it."""
         self.stats = LinkStats()
         self._pending: dict[int, KvOp] = {}
+        # What the tier holds now, as reported: the state a full sync sends.
+        self._held: dict[int, None] = {}
         self._in_flight = 0
         self._closed = False
         self._changed = trio.Event()
@@ -130,6 +139,13 @@ class WorkerLinkSink:
             self.stats.dropped += len(keys)
             return
         for key in keys:
+            if op is KvOp.EVICT:
+                self._held.pop(key, None)
+            elif key not in self._held:
+                if len(self._held) < self._settings.max_held:
+                    self._held[key] = None
+                else:
+                    self.stats.untracked += 1
             if key not in self._pending and len(self._pending) >= self._settings.max_pending:
                 self.stats.dropped += 1
                 continue
@@ -159,6 +175,12 @@ class WorkerLinkSink:
         self._in_flight = len(batch)
         return batch
 
+    def _snapshot_for_sync(self) -> list[int]:
+        """Everything held, for a full sync; pending operations are part of it, so drop them."""
+        self._pending.clear()
+        self._notify()
+        return list(self._held)
+
     def _restore(self, batch: list[tuple[int, KvOp]]) -> None:
         """Put back an unsent batch; operations reported since then stay newer."""
         for key, op in batch:
@@ -170,43 +192,70 @@ class WorkerLinkSink:
         self._notify()
 
 
-async def _send_batches(
-    sink: WorkerLinkSink,
-    push: zmq.Socket[bytes],
-    instance_id: str,
-    settings: WorkerLinkSettings,
-    next_seq: list[int],
-    *,
-    until_empty: bool,
-) -> None:
+@attrs.define(eq=False)
+class _LinkIO:
+    """The sockets and counters one link's tasks share. Only the push lock's holder sends."""
+
+    ctx: zmq.Context[zmq.Socket[bytes]]
+    push: zmq.Socket[bytes]
+    reply_url: str
+    instance_id: str
+    ip: str
+    port: int
+    settings: WorkerLinkSettings
+    sink: WorkerLinkSink
+    push_lock: trio.Lock = attrs.field(factory=trio.Lock)
+    next_seq: int = 0
+
+    async def push_frame(self, frame: bytes) -> None:
+        await send_frames(self.push, [frame], max_wait=self.settings.send_timeout)
+
+    async def request(self, frame: bytes) -> dict[str, Any]:
+        """One request/reply on the controller's reply socket, each way under the send deadline."""
+        dealer = self.ctx.socket(zmq.DEALER)
+        dealer.connect(self.reply_url)
+        try:
+            await send_frames(dealer, [b"", frame], max_wait=self.settings.send_timeout)
+            return decode_frame((await recv_frames(dealer, max_wait=self.settings.send_timeout))[-1])
+        finally:
+            close_socket(dealer, linger_ms=0)
+
+
+async def _send_batches(io: _LinkIO, *, until_empty: bool) -> None:
     """Send pending operations; with ``until_empty`` return when none are left."""
+    sink, settings = io.sink, io.settings
     while True:
         if not sink._pending:
             if until_empty:
                 return
             await sink._changed.wait()
             continue
-        batch = sink._take(settings.batch_size)
-        seq = next_seq[0]
-        ops = [(op, key, seq + i) for i, (key, op) in enumerate(batch)]
-        frame = encode_kv_batch(instance_id, settings.worker_id, LOCATION, ops)
-        try:
-            await send_frames(push, [frame], max_wait=settings.send_timeout)
-        except trio.TooSlowError:
-            # The controller is unreachable: drop the batch rather than grow without bound.
-            sink.stats.send_failures += 1
-            sink.stats.dropped += len(batch)
-            log.warning(
-                "lmcache link %s: dropped %d chunk operations (send timed out)", instance_id, len(batch)
-            )
-        except BaseException:
-            sink._restore(batch)
-            raise
-        else:
-            next_seq[0] += len(batch)
-            sink.stats.batches_sent += 1
-            sink.stats.ops_sent += len(batch)
-        sink._done()
+        async with io.push_lock:
+            batch = sink._take(settings.batch_size)
+            if not batch:  # a full sync took them while this task waited for the lock
+                sink._done()
+                continue
+            ops = [(op, key, io.next_seq + i) for i, (key, op) in enumerate(batch)]
+            frame = encode_kv_batch(io.instance_id, settings.worker_id, LOCATION, ops)
+            try:
+                await io.push_frame(frame)
+            except trio.TooSlowError:
+                # The controller is unreachable: drop the batch rather than grow without bound.
+                sink.stats.send_failures += 1
+                sink.stats.dropped += len(batch)
+                log.warning(
+                    "lmcache link %s: dropped %d chunk operations (send timed out)",
+                    io.instance_id,
+                    len(batch),
+                )
+            except BaseException:
+                sink._restore(batch)
+                raise
+            else:
+                io.next_seq += len(batch)
+                sink.stats.batches_sent += 1
+                sink.stats.ops_sent += len(batch)
+            sink._done()
 
 
 async def _serve_control(
@@ -222,31 +271,37 @@ async def _serve_control(
             log.warning("lmcache link: control reply not sent in %.1fs", max_wait)
 
 
-async def _heartbeat(
-    ctx: zmq.Context[zmq.Socket[bytes]],
-    url: str,
-    frame: bytes,
-    sink: WorkerLinkSink,
-    settings: WorkerLinkSettings,
-) -> None:
+async def _full_sync(io: _LinkIO) -> None:
+    plan = FullSyncPlan(io.instance_id, io.settings.worker_id, LOCATION)
+    async with io.push_lock:  # no incremental batch may interleave with the sync
+        keys = io.sink._snapshot_for_sync()
+        try:
+            done = await run_full_sync(plan, keys, io.request, io.push_frame)
+        except (trio.TooSlowError, WireError) as exc:
+            log.warning("lmcache link %s: full sync failed: %s", io.instance_id, exc)
+            return
+    if done:
+        io.sink.stats.full_syncs += 1
+
+
+async def _heartbeat(io: _LinkIO, url: str) -> None:
+    """Heartbeats; a ``full_sync`` command in a reply runs a full sync before the next one."""
+    settings = io.settings
     assert settings.heartbeat_interval is not None
-    sock = ctx.socket(zmq.DEALER)
+    frame = encode_heartbeat(io.instance_id, settings.worker_id, io.ip, io.port)
+    sock = io.ctx.socket(zmq.DEALER)
     sock.connect(url)
-    warned = False
     try:
         while True:
             try:
                 await send_frames(sock, [b"", frame], max_wait=settings.send_timeout)
                 reply = decode_frame((await recv_frames(sock, max_wait=settings.send_timeout))[-1])
             except (trio.TooSlowError, WireError) as exc:
-                log.warning("lmcache link: heartbeat failed: %s", exc)
+                log.warning("lmcache link %s: heartbeat failed: %s", io.instance_id, exc)
             else:
-                sink.stats.heartbeats += 1
-                if reply.get("commands") and not warned:
-                    # The controller asks every worker for a full sync after it starts; the
-                    # link does not implement full sync, and incremental batches still apply.
-                    log.warning("lmcache link: ignoring heartbeat commands %s", reply["commands"])
-                    warned = True
+                io.sink.stats.heartbeats += 1
+                if wants_full_sync(reply):
+                    await _full_sync(io)
             await trio.sleep(settings.heartbeat_interval)
     finally:
         close_socket(sock, linger_ms=0)
@@ -256,22 +311,22 @@ def _tcp(address: str) -> str:
     return address if "://" in address else f"tcp://{address}"
 
 
-async def _register(
-    ctx: zmq.Context[zmq.Socket[bytes]], url: str, frame: bytes, max_wait: float
-) -> dict[str, object]:
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.connect(url)
+async def _register(io: _LinkIO) -> dict[str, object]:
+    frame = encode_register(io.instance_id, io.settings.worker_id, io.ip, io.port)
+    max_wait = io.settings.register_timeout
+    dealer = io.ctx.socket(zmq.DEALER)
+    dealer.connect(io.reply_url)
     try:
         await send_frames(dealer, [b"", frame], max_wait=max_wait)
         reply = decode_frame((await recv_frames(dealer, max_wait=max_wait))[-1])
     except trio.TooSlowError:
-        raise RegistrationError(f"no registration reply from {url} within {max_wait}s") from None
+        raise RegistrationError(f"no registration reply from {io.reply_url} within {max_wait}s") from None
     except WireError as exc:
-        raise RegistrationError(f"bad registration reply from {url}: {exc}") from None
+        raise RegistrationError(f"bad registration reply from {io.reply_url}: {exc}") from None
     finally:
         close_socket(dealer, linger_ms=0)
     if reply["type"] != "RegisterRetMsg":
-        raise RegistrationError(f"registration refused by {url}: {reply}")
+        raise RegistrationError(f"registration refused by {io.reply_url}: {reply}")
     extra = reply.get("extra_config")
     return dict(extra) if isinstance(extra, dict) else {}
 
@@ -291,7 +346,6 @@ async def linked(
     ends (or registration fails) the sink is closed: later reports are dropped.
     Raises :class:`RegistrationError` if the controller does not answer in time.
     """
-    ip = settings.advertise_ip or settings.bind_host
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     rep = ctx.socket(zmq.REP)
     push = ctx.socket(zmq.PUSH)
@@ -303,25 +357,26 @@ async def linked(
             port = rep.bind_to_random_port(f"tcp://{settings.bind_host}")
         sink.port = port
         push.connect(f"tcp://{controller_host}:{ports.pull}")
-        extra = await _register(
-            ctx,
-            f"tcp://{controller_host}:{ports.reply}",
-            encode_register(instance_id, settings.worker_id, ip, port),
-            settings.register_timeout,
+        io = _LinkIO(
+            ctx=ctx,
+            push=push,
+            reply_url=f"tcp://{controller_host}:{ports.reply}",
+            instance_id=instance_id,
+            ip=settings.advertise_ip or settings.bind_host,
+            port=port,
+            settings=settings,
+            sink=sink,
         )
+        extra = await _register(io)
         log.info("lmcache link %s registered (worker port %d)", instance_id, port)
-        next_seq = [0]
         body_error: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_serve_control, rep, control, sink, settings.send_timeout)
-                nursery.start_soon(
-                    partial(_send_batches, sink, push, instance_id, settings, next_seq, until_empty=False)
-                )
+                nursery.start_soon(partial(_send_batches, io, until_empty=False))
                 heartbeat_url = extra.get("heartbeat_url")
                 if settings.heartbeat_interval and isinstance(heartbeat_url, str):
-                    frame = encode_heartbeat(instance_id, settings.worker_id, ip, port)
-                    nursery.start_soon(_heartbeat, ctx, _tcp(heartbeat_url), frame, sink, settings)
+                    nursery.start_soon(_heartbeat, io, _tcp(heartbeat_url))
                 try:
                     yield
                 except BaseException as exc:
@@ -333,13 +388,9 @@ async def linked(
         finally:
             sink._closed = True
             with trio.CancelScope(shield=True, deadline=trio.current_time() + settings.close_timeout):
-                await _send_batches(sink, push, instance_id, settings, next_seq, until_empty=True)
+                await _send_batches(io, until_empty=True)
                 try:
-                    await send_frames(
-                        push,
-                        [encode_deregister(instance_id, settings.worker_id, ip, port)],
-                        max_wait=settings.send_timeout,
-                    )
+                    await io.push_frame(encode_deregister(instance_id, settings.worker_id, io.ip, port))
                 except trio.TooSlowError:
                     log.warning("lmcache link %s: deregistration not sent", instance_id)
                 else:

@@ -23,6 +23,10 @@ __all__ = [
     "answer_control",
     "decode_frame",
     "encode_deregister",
+    "encode_full_sync_batch",
+    "encode_full_sync_end",
+    "encode_full_sync_start",
+    "encode_full_sync_status",
     "encode_heartbeat",
     "encode_kv_batch",
     "encode_register",
@@ -102,6 +106,60 @@ def encode_kv_batch(
             "location": location,
             "operations": [{"op_type": op.value, "key": key, "seq_num": seq} for op, key, seq in ops],
         }
+    )
+
+
+def encode_full_sync_start(
+    instance_id: str, worker_id: int, location: str, sync_id: str, total_keys: int, batch_count: int
+) -> bytes:
+    """FullSyncStartMsg: a request on the reply socket; the controller clears the worker's keys."""
+    return _pack(
+        {
+            "type": "FullSyncStartMsg",
+            "instance_id": instance_id,
+            "worker_id": worker_id,
+            "location": location,
+            "sync_id": sync_id,
+            "total_keys": total_keys,
+            "batch_count": batch_count,
+        }
+    )
+
+
+def encode_full_sync_batch(
+    instance_id: str, worker_id: int, location: str, sync_id: str, batch_id: int, keys: Sequence[int]
+) -> bytes:
+    return _pack(
+        {
+            "type": "FullSyncBatchMsg",
+            "instance_id": instance_id,
+            "worker_id": worker_id,
+            "location": location,
+            "sync_id": sync_id,
+            "batch_id": batch_id,
+            "keys": list(keys),
+        }
+    )
+
+
+def encode_full_sync_end(
+    instance_id: str, worker_id: int, location: str, sync_id: str, actual_total_keys: int
+) -> bytes:
+    return _pack(
+        {
+            "type": "FullSyncEndMsg",
+            "instance_id": instance_id,
+            "worker_id": worker_id,
+            "location": location,
+            "sync_id": sync_id,
+            "actual_total_keys": actual_total_keys,
+        }
+    )
+
+
+def encode_full_sync_status(instance_id: str, worker_id: int, sync_id: str) -> bytes:
+    return _pack(
+        {"type": "FullSyncStatusMsg", "instance_id": instance_id, "worker_id": worker_id, "sync_id": sync_id}
     )
 
 

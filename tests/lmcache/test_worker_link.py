@@ -58,6 +58,8 @@ class FakeController:
             pull=self.pull.bind_to_random_port("tcp://127.0.0.1"),
             reply=self.router.bind_to_random_port("tcp://127.0.0.1"),
         )
+        self.heartbeat = ctx.socket(zmq.ROUTER)
+        self.heartbeat_port = self.heartbeat.bind_to_random_port("tcp://127.0.0.1")
         self.req: zmq.Socket[bytes] | None = None
 
     async def accept_registration(self, reply: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -69,6 +71,13 @@ class FakeController:
         answer = reply if reply is not None else {"type": "RegisterRetMsg", "extra_config": {}}
         await send_frames(self.router, [identity, b"", pack(answer)], max_wait=WAIT_S)
         return message
+
+    async def answer(self, sock: zmq.Socket[bytes], reply: dict[str, Any]) -> dict[str, Any]:
+        """Receive one DEALER request on a ROUTER socket and answer it."""
+        with trio.fail_after(WAIT_S):
+            identity, _, frame = await recv_frames(sock)
+        await send_frames(sock, [identity, b"", pack(reply)], max_wait=WAIT_S)
+        return decode_frame(frame)
 
     async def next_push(self) -> dict[str, Any]:
         with trio.fail_after(WAIT_S):
@@ -85,7 +94,7 @@ class FakeController:
             return decode_frame((await recv_frames(self.req))[-1])
 
     def close(self) -> None:
-        for sock in (self.router, self.pull, self.req):
+        for sock in (self.router, self.pull, self.heartbeat, self.req):
             if sock is not None:
                 close_socket(sock, linger_ms=0)
 
@@ -361,3 +370,59 @@ async def test_link_group_records_failed_registrations(zmq_context: zmq.Context[
             assert links.failed == ["engine-0"]
             sink.admit([1])  # a sink without a link drops, never raises
             assert sink.stats.dropped == 1
+
+
+async def test_full_sync_on_request_sends_everything_held(
+    zmq_context: zmq.Context[zmq.Socket[bytes]],
+) -> None:
+    tokens = prompt(512)
+    tier = MemoryTier()
+    tier.store(tokens)
+    settings = WorkerLinkSettings(heartbeat_interval=0.05)
+    synced_keys: list[int] = []
+    async with fake_controller(zmq_context) as fake, trio.open_nursery() as nursery:
+        hb_url = f"127.0.0.1:{fake.heartbeat_port}"
+        nursery.start_soon(
+            fake.accept_registration, {"type": "RegisterRetMsg", "extra_config": {"heartbeat_url": hb_url}}
+        )
+        async with open_lmcache_worker("127.0.0.1", fake.ports, "inst-8", tier, settings) as sink:
+            tier.attach(sink)
+            heartbeat = await fake.answer(
+                fake.heartbeat,
+                {"type": "HeartbeatRetMsg", "commands": [{"command_type": "full_sync", "reason": "restart"}]},
+            )
+            assert heartbeat["type"] == "HeartbeatMsg"
+            assert heartbeat["instance_id"] == "inst-8"
+            start = await fake.answer(
+                fake.router, {"type": "FullSyncStartRetMsg", "sync_id": "s", "accepted": True}
+            )
+            assert start["type"] == "FullSyncStartMsg"
+            assert (start["total_keys"], start["batch_count"]) == (2, 1)
+            while True:  # an incremental batch sent before the sync may come first
+                pushed = await fake.next_push()
+                if pushed["type"] == "FullSyncBatchMsg":
+                    synced_keys.extend(pushed["keys"])
+                if pushed["type"] == "FullSyncEndMsg":
+                    assert pushed["actual_total_keys"] == 2
+                    break
+            status = await fake.answer(
+                fake.router,
+                {
+                    "type": "FullSyncStatusRetMsg",
+                    "sync_id": start["sync_id"],
+                    "is_complete": True,
+                    "global_progress": 1.0,
+                    "can_exit_freeze": True,
+                    "missing_batches": [],
+                },
+            )
+            assert status["type"] == "FullSyncStatusMsg"
+            assert status["sync_id"] == start["sync_id"]
+            # Incremental batches resume after the sync.
+            tier.evict(tokens)
+            after = await fake.next_push()
+            assert sink.stats.full_syncs == 1
+            nursery.cancel_scope.cancel()
+    assert sorted(synced_keys) == sorted(chunk_keys(tokens))
+    assert after["type"] == "BatchedKVOperationMsg"
+    assert [op["op_type"] for op in after["operations"]] == ["evict", "evict"]
