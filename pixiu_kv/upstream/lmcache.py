@@ -13,7 +13,7 @@ and the caller decides what to do about it.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -29,14 +29,27 @@ from .resilience import (
 )
 
 __all__ = [
+    "MAX_REPLY_BYTES",
     "EndpointMissing",
+    "JsonPost",
     "LayoutEntry",
     "LmCacheClient",
     "LookupResult",
+    "httpx_post",
     "parse_lookup_reply",
 ]
 
 MAX_REPLY_BYTES = 1024 * 1024
+
+
+JsonPost = Callable[[str, bytes], Awaitable[Any]]
+"""``await post(path, json_body)`` -> decoded JSON reply, failures as ``UpstreamError``s."""
+
+
+def httpx_post(client: httpx.AsyncClient, max_reply_bytes: int = MAX_REPLY_BYTES) -> JsonPost:
+    async def post(path: str, body: bytes) -> Any:
+        return await post_json(client, path, body, max_reply_bytes=max_reply_bytes)
+    return post
 
 
 class EndpointMissing(UpstreamRejected):
@@ -104,22 +117,21 @@ def _tokens_body(tokens_json: bytes, **fields: Any) -> bytes:
 class LmCacheClient:
     """One controller; the caller picks the breaker (routing and background keep their own)."""
 
-    __slots__ = ("_client", "_policy")
+    __slots__ = ("_policy", "_post")
 
-    def __init__(self, client: httpx.AsyncClient, policy: RetryPolicy) -> None:
-        self._client = client
+    def __init__(self, post: JsonPost, policy: RetryPolicy) -> None:
+        self._post = post
         self._policy = policy
 
     async def lookup(self, tokens_json: bytes, *, breaker: CircuitBreaker, deadline: float,
-                     cancel_is_failure: bool = False) -> LookupResult:
+                     cancel_is_failure: bool = False, bounded: bool = False) -> LookupResult:
         body = _tokens_body(tokens_json)
 
         async def attempt() -> LookupResult:
-            return parse_lookup_reply(await post_json(self._client, "/lookup", body,
-                                                      max_reply_bytes=MAX_REPLY_BYTES))
+            return parse_lookup_reply(await self._post("/lookup", body))
 
         return await call_with_retry(attempt, policy=self._policy, breaker=breaker, deadline=deadline,
-                                     cancel_is_failure=cancel_is_failure)
+                                     cancel_is_failure=cancel_is_failure, bounded=bounded)
 
     async def pin(self, tokens_json: bytes, instance_id: str, location: str, *,
                   breaker: CircuitBreaker, deadline: float) -> int | None:
@@ -145,7 +157,7 @@ class LmCacheClient:
     async def _act(self, path: str, body: bytes, breaker: CircuitBreaker, deadline: float) -> int | None:
         async def attempt() -> int | None:
             try:
-                reply = await post_json(self._client, path, body, max_reply_bytes=MAX_REPLY_BYTES)
+                reply = await self._post(path, body)
             except UpstreamRejected as exc:
                 if exc.status in (404, 405):
                     raise EndpointMissing(f"POST {path}: HTTP {exc.status}", exc.status) from None

@@ -37,6 +37,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "call_with_retry",
+    "check_status",
     "post_json",
 ]
 
@@ -218,6 +219,7 @@ async def call_with_retry(
     breaker: CircuitBreaker,
     deadline: float,
     cancel_is_failure: bool = False,
+    bounded: bool = False,
     rng: random.Random | None = None,
 ) -> T:
     """Run ``op`` until it succeeds, fails for good, or time/attempts run out.
@@ -225,6 +227,8 @@ async def call_with_retry(
     Each attempt needs a breaker permit and runs under ``deadline``. A cancellation from
     outside (client gone, caller's budget spent) releases the permit without a verdict,
     unless ``cancel_is_failure``: a routing lookup cut by its budget *is* a slow upstream.
+    ``bounded``: the caller already runs this under a cancel scope ending at ``deadline``
+    (saves a scope per attempt on the hot path; its expiry arrives as a cancellation).
     """
     last: UpstreamError | None = None
     for attempt in range(policy.max_attempts):
@@ -234,8 +238,12 @@ async def call_with_retry(
                 raise last
             raise BreakerOpenError(f"{breaker.name} circuit breaker is open")
         try:
-            with trio.move_on_at(deadline) as scope:
-                result = await op()
+            if bounded:
+                result, timed_out = await op(), False
+            else:
+                with trio.move_on_at(deadline) as scope:
+                    result = await op()
+                timed_out = scope.cancelled_caught
         except trio.Cancelled:
             (breaker.failure if cancel_is_failure else breaker.release)(permit)
             raise
@@ -248,7 +256,7 @@ async def call_with_retry(
             breaker.release(permit)
             raise
         else:
-            if scope.cancelled_caught:
+            if timed_out:
                 breaker.failure(permit)
                 raise UpstreamTimeout(f"{breaker.name}: no reply before the deadline")
             breaker.success(permit)
@@ -264,6 +272,17 @@ async def call_with_retry(
 
 
 # -- HTTP ----------------------------------------------------------------------------------
+
+def check_status(status: int, path: str) -> None:
+    """Raise the failure class of a non-200 reply status."""
+    if status == 200:
+        return
+    if status == 429 or status >= 500:
+        raise UpstreamUnavailable(f"POST {path}: HTTP {status}", status)
+    if status >= 400:
+        raise UpstreamRejected(f"POST {path}: HTTP {status}", status)
+    raise MalformedReply(f"POST {path}: unexpected HTTP {status}")
+
 
 async def post_json(client: httpx.AsyncClient, path: str, body: bytes, *, max_reply_bytes: int) -> Any:
     """POST a JSON body, return the decoded JSON reply; failures mapped to the classes above.
@@ -286,12 +305,7 @@ async def post_json(client: httpx.AsyncClient, path: str, body: bytes, *, max_re
         raise UpstreamUnavailable(f"POST {path}: {type(exc).__name__}") from None
     except httpx.TransportError as exc:
         raise UpstreamUnavailable(f"POST {path}: {type(exc).__name__}: {exc}") from None
-    if status == 429 or status >= 500:
-        raise UpstreamUnavailable(f"POST {path}: HTTP {status}", status)
-    if status >= 400:
-        raise UpstreamRejected(f"POST {path}: HTTP {status}", status)
-    if status != 200:
-        raise MalformedReply(f"POST {path}: unexpected HTTP {status}")
+    check_status(status, path)
     try:
         return json.loads(b"".join(chunks))
     except ValueError:

@@ -28,12 +28,13 @@ import trio
 from ...config import KvCacheConfig
 from ...context import RouteHint
 from ...hostload import HostLoad, HostLoadSampler
-from ...upstream.lmcache import LmCacheClient, LookupResult
+from ...upstream.lmcache import MAX_REPLY_BYTES, JsonPost, LmCacheClient, LookupResult, httpx_post
 from ...upstream.resilience import BreakerState, CircuitBreaker, RetryPolicy, UpstreamError
 from ...upstream.tokenizer import TokenizerClient
 from .actions import ActionRunner, RecentActions
 from .background import BackgroundJobs, Spawn
 from .hotness import HotnessTracker
+from .http11 import Http11Pool
 from .prompt import Prompt, extract_prompt
 from .routing import Router, Routing
 from .singleflight import SingleFlight
@@ -119,6 +120,17 @@ class KvCache:
             return None
         hot_count = self._hotness.record(prompt.key, trio.current_time())
         routing = await self._router.route(prompt)
+        if routing.tokens is not None:
+            if routing.lookup is not None:
+                # Everything the decision needs is known: decide now, spawn only for actions.
+                actions = decide(self.config.cache_strategy, self.host_load, hot_count, routing.lookup)
+                if not actions:
+                    self._stats.background_skipped += 1
+                    return routing.hint
+            elif self._background_breaker.state is BreakerState.OPEN:
+                # Tokens known and LMCache known down: a lookup or an action could not be sent.
+                self._stats.background_skipped += 1
+                return routing.hint
         await self._jobs.start(spawn, self._manage, prompt, hot_count, routing)
         return routing.hint
 
@@ -212,12 +224,22 @@ async def open_kvcache_core(config: KvCacheConfig, nursery: trio.Nursery, *,
 
     policy = RetryPolicy(config.retry.max_attempts, config.retry.base_backoff, config.retry.max_backoff)
     tls = functools.cache(httpx.create_ssl_context)
-    clients = (
+    clients = [
         _client(config.vllm_endpoint, config.request_timeout, http_pool_size, tls),
-        # Routing gets its own pool: background work can never make it wait for a connection.
-        _client(config.lmcache_endpoint, max(config.lookup_routing_timeout, 0.001), http_pool_size, tls),
         _client(config.lmcache_endpoint, config.request_timeout, http_pool_size, tls),
-    )
+    ]
+    # Routing gets its own pool, so background work never makes it wait for a connection;
+    # over plain http it is the lean client (the hot path's CPU budget is a fraction of httpx's).
+    routing_pool: Http11Pool | None = None
+    routing_post: JsonPost
+    if config.lmcache_endpoint.startswith("http:"):
+        routing_pool = Http11Pool(config.lmcache_endpoint, max_connections=http_pool_size,
+                                  max_reply_bytes=MAX_REPLY_BYTES)
+        routing_post = routing_pool.post_json
+    else:
+        routing_client = _client(config.lmcache_endpoint, config.request_timeout, http_pool_size, tls)
+        clients.append(routing_client)
+        routing_post = httpx_post(routing_client)
     strategy = config.cache_strategy
     needs_load = ((strategy.enable_compression and strategy.load_threshold > 0)
                   or (strategy.enable_eviction and strategy.memory_threshold > 0))
@@ -225,8 +247,8 @@ async def open_kvcache_core(config: KvCacheConfig, nursery: trio.Nursery, *,
     kv = KvCache(
         config,
         tokenizer=TokenizerClient(clients[0], policy, breaker("tokenize")),
-        routing_client=LmCacheClient(clients[1], policy),
-        background_client=LmCacheClient(clients[2], policy),
+        routing_client=LmCacheClient(routing_post, policy),
+        background_client=LmCacheClient(httpx_post(clients[1]), policy),
         routing_breaker=breaker("lookup_routing"),
         background_breaker=breaker("lmcache_background"),
         sampler=sampler,
@@ -238,6 +260,8 @@ async def open_kvcache_core(config: KvCacheConfig, nursery: trio.Nursery, *,
         yield kv
     finally:
         sampler_scope.cancel()
+        if routing_pool is not None:
+            routing_pool.close()
         with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
             for client in clients:
                 await client.aclose()

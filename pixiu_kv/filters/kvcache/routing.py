@@ -16,7 +16,13 @@ import trio
 
 from ...context import RouteHint
 from ...upstream.lmcache import LmCacheClient, LookupResult
-from ...upstream.resilience import BreakerOpenError, CircuitBreaker, UpstreamError, UpstreamTimeout
+from ...upstream.resilience import (
+    BreakerOpenError,
+    BreakerState,
+    CircuitBreaker,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from .prompt import Prompt
 from .stats import KvCacheStats, LookupOutcome
 from .tokens import TokenCache, TokenSeq
@@ -60,14 +66,18 @@ class Router:
         tokens = self.tokens_for_routing(prompt)
         if tokens is None:
             return self._done("no_tokens", prompt, None, None)
+        if self._breaker.state is BreakerState.OPEN:
+            # Known down: no scope, no request, no exception. A half-open breaker goes on.
+            return self._done("breaker_open", prompt, tokens, None)
         lookup: LookupResult | None = None
         outcome: LookupOutcome = "error"
         error: UpstreamError | None = None
-        with trio.move_on_after(self._budget) as scope:
+        deadline = trio.current_time() + self._budget
+        with trio.move_on_at(deadline) as scope:
             try:
-                lookup = await self._client.lookup(
-                    tokens.json, breaker=self._breaker, deadline=trio.current_time() + self._budget,
-                    cancel_is_failure=True)
+                # The budget is this scope; a lookup it cuts counts against the routing breaker.
+                lookup = await self._client.lookup(tokens.json, breaker=self._breaker, deadline=deadline,
+                                                   cancel_is_failure=True, bounded=True)
             except BreakerOpenError:
                 outcome = "breaker_open"
             except UpstreamTimeout:

@@ -47,6 +47,8 @@ class KvCacheStats:
     background_started: int = 0
     background_finished: int = 0
     background_dropped: int = 0
+    # Requests that needed no background work: nothing to decide on, or nowhere to act.
+    background_skipped: int = 0
     background_cancelled: int = 0
     background_failed: int = 0
     background_running: int = 0
