@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Mapping
-from typing import Final
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from typing import Final, cast
 
 import attrs
-import httpx
 import trio
 
-from .._headers import request_headers_for_upstream, response_headers_for_client
+from .._headers import header_value, request_headers_for_upstream, response_headers_for_client
 from ..chain import ASGISend
 from ..cluster import Cluster, Endpoint, PickFailure, attempts_allowed, backoff_delay
 from ..config import LlmProxyConfig
 from ..context import RequestContext
 from ..errors import GatewayError, error_body
-from ..upstream.engine import EngineClients
+from ..upstream.engine import CONNECT_ERRORS, TRANSPORT_ERRORS, EngineClients
 
 __all__ = [
     "ATTEMPTS_KEY",
@@ -143,41 +142,40 @@ class LlmProxyFilter:
     async def _attempt(self, ctx: RequestContext, cluster: Cluster, endpoint: Endpoint,
                        send: ASGISend) -> _Outcome:
         clients = self._clients
-        path = ctx.path + ("?" + ctx.query_string.decode("latin-1") if ctx.query_string else "")
+        target = ctx.path.encode("latin-1") + (b"?" + ctx.query_string if ctx.query_string else b"")
         headers = request_headers_for_upstream(ctx.headers, request_id=ctx.request_id,
                                                api_key=endpoint.config.api_key)
-        request = clients.request(endpoint, ctx.method, path, headers, ctx.body)
-        client = clients.client(endpoint.id)
+        request = clients.request(endpoint, ctx.method, target, headers, ctx.body)
+        pool = clients.pool(endpoint.id)
         started = False
         # One scope carries every upstream deadline: first byte until the headers arrive,
         # then the idle gap before each chunk. A client disconnect cancels an outer scope.
         with trio.CancelScope(deadline=self._clock() + self.config.first_byte_timeout) as scope:
             try:
-                response = await client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                response = await pool.handle_async_request(request)
+            except CONNECT_ERRORS as exc:
                 # Passive health: an engine that refuses connections counts as failing checks.
                 cluster.record_connect_failure(endpoint)
                 return _Unreachable(endpoint.id, type(exc).__name__)
-            except httpx.TransportError as exc:
+            except TRANSPORT_ERRORS as exc:
                 return _Unreachable(endpoint.id, type(exc).__name__)
+            chunks = cast(AsyncIterable[bytes], response.stream).__aiter__()
             try:
-                if response.status_code in RETRYABLE_STATUS:
-                    body = await _read_bounded(response, ERROR_BODY_LIMIT)
-                    return _Answered(endpoint.id, response.status_code,
-                                     list(response.headers.raw), body)
+                if response.status in RETRYABLE_STATUS:
+                    body = await _read_bounded(chunks, ERROR_BODY_LIMIT)
+                    return _Answered(endpoint.id, response.status, response.headers, body)
                 ctx.values[TTFB_KEY] = self._clock() - ctx.started_at
                 ctx.values[ENDPOINT_KEY] = endpoint.id
                 scope.deadline = math.inf
                 await send({
                     "type": "http.response.start",
-                    "status": response.status_code,
+                    "status": response.status,
                     "headers": response_headers_for_client(
-                        response.headers.raw, request_id=ctx.request_id, endpoint_id=endpoint.id,
+                        response.headers, request_id=ctx.request_id, endpoint_id=endpoint.id,
                         extra=_route_header(ctx, endpoint)),
                 })
                 started = True
                 idle = self.config.idle_timeout
-                chunks = response.aiter_raw()
                 while True:
                     scope.deadline = self._clock() + idle
                     try:
@@ -189,19 +187,22 @@ class LlmProxyFilter:
                 scope.deadline = math.inf
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return _DONE
-            except httpx.TransportError as exc:
+            except TRANSPORT_ERRORS as exc:
                 if not started:
                     return _Unreachable(endpoint.id, type(exc).__name__)
-                await _end_cut_stream(response, send, f"endpoint {endpoint.id} failed mid-stream")
+                await _end_cut_stream(response.headers, send, f"endpoint {endpoint.id} failed mid-stream")
                 return _DONE
             finally:
                 # Always release the connection, even while being cancelled: shielded, bounded.
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_DEADLINE):
+                    close = getattr(chunks, "aclose", None)
+                    if close is not None:
+                        await close()
                     await response.aclose()
         # The scope's own deadline fired.
         if not started:
             return _TIMED_OUT
-        await _end_cut_stream(response, send, f"endpoint {endpoint.id} went idle for "
+        await _end_cut_stream(response.headers, send, f"endpoint {endpoint.id} went idle for "
                               f"{self.config.idle_timeout:g}s mid-stream")
         return _DONE
 
@@ -245,24 +246,24 @@ def _route_header(ctx: RequestContext, endpoint: Endpoint) -> tuple[tuple[bytes,
     return ((b"x-pixiu-kv-route", "; ".join(parts).encode("latin-1", "replace")),)
 
 
-async def _read_bounded(response: httpx.Response, limit: int) -> bytes:
+async def _read_bounded(chunks: AsyncIterator[bytes], limit: int) -> bytes:
     body = bytearray()
-    async for chunk in response.aiter_raw():
+    async for chunk in chunks:
         body += chunk[: limit - len(body)]
         if len(body) >= limit:
             break
     return bytes(body)
 
 
-async def _end_cut_stream(response: httpx.Response, send: ASGISend, message: str) -> None:
+async def _end_cut_stream(headers: list[tuple[bytes, bytes]], send: ASGISend, message: str) -> None:
     """The response already started and the engine failed: tell the client as well as HTTP allows.
 
     An event stream gets a final error event (as vLLM sends mid-stream errors) and ends;
     any other body is left incomplete, so the server aborts the connection and the client
     sees a truncated response instead of a silently short one.
     """
-    content_type = response.headers.get("content-type", "")
-    if content_type.startswith("text/event-stream"):
+    content_type = header_value(headers, b"content-type") or b""
+    if content_type.lower().startswith(b"text/event-stream"):
         event = b"data: " + error_body(message, "upstream_error", "upstream_stream_cut") + b"\n\n"
         await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
