@@ -31,6 +31,7 @@ class RealController:
     ports: ControllerPorts
     executable: Path
     log_path: Path
+    http_port: int
 
     @property
     def python(self) -> Path:
@@ -85,8 +86,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def run_real_controller(log_dir: Path) -> Iterator[RealController]:
-    """Start the controller named by ``PIXIU_KV_LMCACHE_CONTROLLER`` on free loopback ports.
+def run_real_controller(
+    log_dir: Path, same_ports_as: RealController | None = None
+) -> Iterator[RealController]:
+    """Start the controller named by ``PIXIU_KV_LMCACHE_CONTROLLER`` on free loopback ports
+    (or on the ports of ``same_ports_as``, to restart it).
 
     Skips (or fails, when ``PIXIU_KV_REQUIRE_INTEGRATION=1``) if it is not configured.
     """
@@ -98,7 +102,12 @@ def run_real_controller(log_dir: Path) -> Iterator[RealController]:
         pytest.skip(reason)
     if not os.access(executable, os.X_OK):
         pytest.fail(f"{CONTROLLER_ENV}={executable} is not an executable file")
-    http_port, pull, reply, heartbeat = _free_ports(4)
+    if same_ports_as is None:
+        http_port, pull, reply, heartbeat = _free_ports(4)
+    else:
+        http_port = same_ports_as.http_port
+        pull, reply = same_ports_as.ports.pull, same_ports_as.ports.reply
+        heartbeat = same_ports_as.ports.heartbeat or _free_ports(1)[0]
     log_path = log_dir / "controller.log"
     command = [
         executable,
@@ -114,6 +123,7 @@ def run_real_controller(log_dir: Path) -> Iterator[RealController]:
     url = f"http://{HOST}:{http_port}"
     try:
         _wait_ready(proc, url, log_path)
-        yield RealController(url, HOST, ControllerPorts(pull, reply, heartbeat), Path(executable), log_path)
+        ports = ControllerPorts(pull, reply, heartbeat)
+        yield RealController(url, HOST, ports, Path(executable), log_path, http_port)
     finally:
         _stop(proc)

@@ -6,12 +6,13 @@ import base64
 import json
 import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
-from real_controller_support import RealController
+from real_controller_support import RealController, run_real_controller
 
 from pixiu_kv.sim._controller_wire import KvOp, encode_deregister, encode_kv_batch, encode_register
 from pixiu_kv.sim.controller import MemoryTier
@@ -257,3 +258,34 @@ async def test_simulated_fleet_registered_with_the_real_controller(real_controll
             key_stats(controller), lambda s: not instance_ids(s) & {"engine-0", "engine-1"}
         )
         assert not instance_ids(stats) & {"engine-0", "engine-1"}
+
+
+async def test_link_resyncs_after_a_controller_restart(tmp_path: Path) -> None:
+    """A restarted controller knows nothing; heartbeats re-register the worker and it
+    answers the controller's full-sync request with everything it holds."""
+    tokens = prompt(600, salt=6)
+    tier = MemoryTier()
+    settings = WorkerLinkSettings(heartbeat_interval=0.2)
+
+    first_run = run_real_controller(tmp_path / "first")
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first = await trio.to_thread.run_sync(first_run.__enter__)
+    second_run = None
+    try:
+        async with httpx.AsyncClient(base_url=first.url, timeout=10.0) as client:
+            async with open_lmcache_worker(first.host, first.ports, "it-restart", tier, settings) as sink:
+                tier.attach(sink)
+                tier.store(tokens)
+                assert await eventually(lookup(client, tokens), bool) == {"it-restart": [LOCATION, 512]}
+
+                await trio.to_thread.run_sync(first_run.__exit__, None, None, None)
+                second_run = run_real_controller(tmp_path / "second", same_ports_as=first)
+                await trio.to_thread.run_sync(second_run.__enter__)
+                # Nothing new is admitted: only the full sync can tell the new controller.
+                layout = await eventually(lookup(client, tokens), bool, within=30.0)
+                assert layout == {"it-restart": [LOCATION, 512]}
+                assert sink.stats.full_syncs >= 1
+    finally:
+        # The link deregistered above; now stop whichever controller runs.
+        await trio.to_thread.run_sync((second_run or first_run).__exit__, None, None, None)
