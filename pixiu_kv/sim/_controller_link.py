@@ -5,6 +5,7 @@ See ``lmcache_worker`` (the public facade) and ``docs/lmcache.md``.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -170,7 +171,7 @@ class WorkerLinkSink:
 
     def _take(self, limit: int) -> list[tuple[int, KvOp]]:
         batch: list[tuple[int, KvOp]] = []
-        for key in list(self._pending)[:limit]:
+        for key in list(itertools.islice(self._pending, limit)):
             batch.append((key, self._pending.pop(key)))
         self._in_flight = len(batch)
         return batch

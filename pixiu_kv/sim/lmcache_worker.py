@@ -8,7 +8,8 @@ worker does, then for as long as the block runs:
 * forwards the chunk keys the engine's CPU tier admits and evicts (reported to the
   returned :class:`WorkerLinkSink`, which never blocks) as ``BatchedKVOperationMsg``
   batches on a PUSH socket;
-* optionally sends heartbeats.
+* optionally sends heartbeats, and answers the controller's full-sync requests (after its
+  start or a restart) with every chunk key the tier holds.
 
 On exit it flushes what is pending and deregisters, under a deadline, even when the block
 is cancelled: a controller keeps a dead worker registered and then hangs on ``/pin``,
