@@ -188,6 +188,7 @@ async def open_controller_emulator(
     config.errorlog = None
     config.graceful_timeout = 1.0
     stop = trio.Event()
+    body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
             partial(
@@ -201,6 +202,10 @@ async def open_controller_emulator(
         emulator.url = binds[0]
         try:
             yield emulator
+        except BaseException as exc:
+            body_error = exc  # re-raised below so it does not reach the caller as an ExceptionGroup
         finally:
             emulator.release_hangs()
             stop.set()
+    if body_error is not None:
+        raise body_error

@@ -369,3 +369,9 @@ async def test_worker_query_parameters_are_validated(
     assert bad.json()["detail"][0]["loc"] == ["query", "worker_id"]
     missing = await client.get("/controller/workers", params={"instance_id": "A", "worker_id": "3"})
     assert missing.status_code == 404
+
+
+async def test_errors_in_the_block_leave_unwrapped() -> None:
+    with pytest.raises(KeyError):
+        async with open_controller_emulator():
+            raise KeyError("from the body")
