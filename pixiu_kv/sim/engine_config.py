@@ -55,6 +55,9 @@ class EngineConfig:
     decode_interval_s: float = attrs.field(default=0.015, validator=_positive)
     decode_batch_slope: float = attrs.field(default=0.002, validator=_non_negative)
     """Each running sequence lengthens the decode step by this fraction."""
+    lockstep_decode: bool = True
+    """Streams advance together, one token per batch step, as in vLLM (token writes come in
+    bursts). False gives every stream its own decode timer (writes spread out in time)."""
     stream_interval: int = attrs.field(default=1, validator=_positive)
     """Like vLLM's ``--stream-interval``: a stream carries new tokens every this many steps."""
     max_model_len: int = attrs.field(default=32768, validator=_positive)

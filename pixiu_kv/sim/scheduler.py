@@ -191,6 +191,17 @@ class Scheduler:
         finally:
             self._decoding -= 1
 
+    async def _decode_own_timer(self, base: int, n: int, max_tokens: int, outputs: list[list[int]],
+                                plan: PrefillPlan, on_step: StepCallback, extra_delay: float) -> None:
+        deadline = trio.current_time()
+        for step in range(1, max_tokens):
+            deadline += self.cost.decode_interval(self._running) + extra_delay
+            await trio.sleep_until(deadline)
+            ids = [output_token(base, c, step) for c in range(n)]
+            for out, token in zip(outputs, ids, strict=True):
+                out.append(token)
+            await on_step(step, ids, plan)
+
     def _digest(self, prompt_ids: Sequence[int], seed: int | None) -> int:
         return zlib.crc32(array("I", prompt_ids)) ^ ((seed or 0) & 0xFFFFFFFF) ^ self.config.seed
 
@@ -238,8 +249,8 @@ class Scheduler:
             if on_step is not None:
                 await on_step(0, [out[0] for out in outputs], plan)
                 if max_tokens > 1:
-                    await self._decode_lockstep(base, n, max_tokens, outputs, plan, on_step,
-                                                extra_token_delay)
+                    decode = self._decode_lockstep if config.lockstep_decode else self._decode_own_timer
+                    await decode(base, n, max_tokens, outputs, plan, on_step, extra_token_delay)
             else:
                 if max_tokens > 1:
                     per_token = self.cost.decode_interval(self._running) + extra_token_delay

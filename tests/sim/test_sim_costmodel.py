@@ -175,3 +175,20 @@ async def test_streams_decode_in_lockstep_and_survive_a_cancelled_peer(
     shared_steps = set(times[0][1:]) & set(times[1][1:]) & set(times[2][1:])
     assert len(shared_steps) >= 15
     assert engine.scheduler.running == 0
+
+
+async def test_own_timer_decode_spreads_streams(autojump_clock: trio.testing.MockClock) -> None:
+    engine = _engine(lockstep_decode=False)
+    times: dict[int, list[float]] = {0: [], 1: []}
+
+    def recorder(i: int) -> StepCallback:
+        async def on_step(step: int, ids: list[int], plan: PrefillPlan) -> None:
+            times[i].append(trio.current_time())
+        return on_step
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: engine.scheduler.generate(_prompt(1, salt=0), 10, on_step=recorder(0)))
+        await trio.sleep(0.005)
+        nursery.start_soon(lambda: engine.scheduler.generate(_prompt(1, salt=1), 10, on_step=recorder(1)))
+    assert len(times[0]) == len(times[1]) == 10
+    assert not set(times[0]) & set(times[1])
