@@ -330,12 +330,13 @@ class SimEngine:
     async def _tokenize(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         data = parse_json(_header(scope, b"content-type"), body)
         ids = parse_tokenize(data, self.config)
+        token_strs = [detokenize((t,)) for t in ids] if data.get("return_token_strs") is True else None
 
         async def work() -> None:
             if await self._apply_faults(send):
                 return
             reply = {"count": len(ids), "max_model_len": self.config.max_model_len,
-                     "tokens": ids, "token_strs": None}
+                     "tokens": ids, "token_strs": token_strs}
             await _respond(send, 200, _dumps(reply).encode())
 
         await self._watched(receive, work)

@@ -7,7 +7,7 @@ import json
 import httpx
 from sim_helpers import sse_events, words
 
-from pixiu_kv.sim import SimEngine, tokenize_chat, tokenize_prompt
+from pixiu_kv.sim import SimEngine, detokenize, tokenize_chat, tokenize_prompt
 
 MODEL = "sim-llama-8b"
 
@@ -109,6 +109,8 @@ async def test_tokenize_both_forms_and_detokenize(client: httpx.AsyncClient) -> 
     # The ids /tokenize returns are exactly what the generation endpoint counts.
     gen = (await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})).json()
     assert gen["usage"]["prompt_tokens"] == chat["count"]
+    strs = (await client.post("/tokenize", json={"prompt": "Hi", "return_token_strs": True})).json()
+    assert strs["token_strs"] == ["<|begin_of_text|>", detokenize(strs["tokens"][1:])]
     detok = (await client.post("/detokenize", json={"tokens": chat["tokens"][:2]})).json()
     assert detok["prompt"].startswith("<|begin_of_text|><|start_header_id|>")
 
