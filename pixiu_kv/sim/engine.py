@@ -116,6 +116,11 @@ class SimEngine:
         return self.config.instance_id
 
     @property
+    def in_flight(self) -> int:
+        """HTTP requests being handled (any route)."""
+        return self._inflight
+
+    @property
     def worker_control(self) -> WorkerControl:
         """What a controller drives: this engine's LMCache CPU tier."""
         return self.cpu_tier

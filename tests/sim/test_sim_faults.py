@@ -61,7 +61,7 @@ async def test_hang_is_released_by_client_disconnect(client: httpx.AsyncClient, 
     with pytest.raises(httpx.ReadTimeout):
         await client.post("/v1/completions", json={"prompt": "x"}, timeout=0.3)
     # The hung handler is cancelled by the disconnect: nothing stays in flight.
-    await wait_until(lambda: engine._inflight == 0)
+    await wait_until(lambda: engine.in_flight == 0)
     await client.post("/sim/faults", json={"hang": False})
     assert (await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})).status_code == 200
 
@@ -125,16 +125,16 @@ async def test_request_limit_answers_503() -> None:
     engine = SimEngine(EngineConfig(speed=1000.0, max_concurrent_requests=1))
     async with serve_engine(engine) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
         await http.post("/sim/faults", json={"hang": True})
-        await wait_until(lambda: engine._inflight == 0)  # the fault call has fully finished
+        await wait_until(lambda: engine.in_flight == 0)  # the fault call has fully finished
         async with trio.open_nursery() as nursery:
             async def hung() -> None:
                 await http.post("/v1/completions", json={"prompt": "x"})
 
             nursery.start_soon(hung)
-            await wait_until(lambda: engine._inflight == 1)
+            await wait_until(lambda: engine.in_flight == 1)
             refused = await http.get("/v1/models")
             assert refused.status_code == 503
             assert refused.json()["error"]["type"] == "ServiceUnavailableError"
             nursery.cancel_scope.cancel()
-        await wait_until(lambda: engine._inflight == 0)
+        await wait_until(lambda: engine.in_flight == 0)
         assert (await http.get("/v1/models")).status_code == 200
