@@ -23,6 +23,27 @@ import trio
 from .oracle import OracleProxy, OracleRouter
 
 
+def _http11_only() -> None:
+    """Make this process's hypercorn servers speak HTTP/1.1 only, as vLLM's uvicorn does.
+
+    Hypercorn switches a connection to HTTP/2 on the h2c preface. Some routers (smg) probe
+    every worker for gRPC that way, and under concurrent streams hypercorn's HTTP/2 path on
+    trio can fail with BusyResourceError and take the whole server process down. A real
+    vLLM server refuses such probes; so do these engines: the connection is closed.
+    """
+    from hypercorn.events import Closed
+    from hypercorn.protocol import ProtocolWrapper
+    from hypercorn.protocol.h11 import H2CProtocolRequiredError, H2ProtocolAssumedError
+
+    async def handle(self: ProtocolWrapper, event: Any) -> None:
+        try:
+            await self.protocol.handle(event)
+        except (H2ProtocolAssumedError, H2CProtocolRequiredError):
+            await self.send(Closed())
+
+    ProtocolWrapper.handle = handle  # type: ignore[method-assign]
+
+
 async def _stdin_closed() -> None:
     # A thread blocks on the pipe; when the parent dies the read returns.
     await trio.to_thread.run_sync(sys.stdin.buffer.read, abandon_on_cancel=True)
@@ -76,6 +97,7 @@ async def _run(settings: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     settings = json.loads(argv[0]) if argv else {}
+    _http11_only()
     trio.run(_run, settings)
     return 0
 

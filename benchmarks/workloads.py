@@ -187,29 +187,29 @@ def default_spec(name: str, *, quick: bool = False) -> WorkloadSpec:
     """Sizes modelled on the peers' presets; ``quick`` shrinks them to run in seconds."""
     if name == "shared-prefix":
         # SGLang generated-shared-prefix: 64 groups x 16 prompts, 2048 / 128 / 256 tokens.
-        return (WorkloadSpec(name, groups=32, per_group=3, system_tokens=512, question_tokens=32,
+        return (WorkloadSpec(name, groups=16, per_group=3, system_tokens=512, question_tokens=32,
                              output_tokens=8, api="completion") if quick else
                 WorkloadSpec(name, groups=64, per_group=16, system_tokens=2048, question_tokens=128,
                              output_tokens=256, api="completion"))
     if name == "multi-turn":
         # production-stack multi-round QA: shared 1000-token system prompt, per-user history,
         # 100-token answers fed back into the next round.
-        return (WorkloadSpec(name, groups=1, per_group=24, rounds=4, system_tokens=256,
+        return (WorkloadSpec(name, groups=1, per_group=12, rounds=4, system_tokens=256,
                              context_tokens=768, question_tokens=32, output_tokens=8) if quick else
                 WorkloadSpec(name, groups=1, per_group=80, rounds=6, system_tokens=1000,
                              context_tokens=2000, question_tokens=64, output_tokens=100))
     if name == "long-doc":
-        return (WorkloadSpec(name, groups=8, per_group=10, system_tokens=64, context_tokens=1536,
+        return (WorkloadSpec(name, groups=6, per_group=8, system_tokens=64, context_tokens=1024,
                              question_tokens=32, output_tokens=8) if quick else
                 WorkloadSpec(name, groups=8, per_group=48, system_tokens=128, context_tokens=8192,
                              question_tokens=64, output_tokens=64))
     if name == "hot-prompt":
-        return (WorkloadSpec(name, groups=1, per_group=96, system_tokens=512, question_tokens=32,
+        return (WorkloadSpec(name, groups=1, per_group=48, system_tokens=512, question_tokens=32,
                              output_tokens=8) if quick else
                 WorkloadSpec(name, groups=1, per_group=600, system_tokens=2048, question_tokens=128,
                              output_tokens=128))
     if name == "no-reuse":
-        return (WorkloadSpec(name, groups=80, per_group=1, system_tokens=0, question_tokens=544,
+        return (WorkloadSpec(name, groups=40, per_group=1, system_tokens=0, question_tokens=544,
                              output_tokens=8, api="completion") if quick else
                 WorkloadSpec(name, groups=400, per_group=1, system_tokens=0, question_tokens=2176,
                              output_tokens=128, api="completion"))
