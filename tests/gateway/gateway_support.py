@@ -27,7 +27,9 @@ class FakeEngine:
     """A vLLM-shaped engine. Per-request behaviour via the ``x-test-mode`` header:
 
     ``hang-headers`` (never answers), ``hang-body`` (headers, then nothing),
-    ``endless`` (an SSE event every few ms until the client leaves), ``status-<code>``.
+    ``endless`` (an SSE event every few ms until the client leaves), ``status-<code>``,
+    ``die-mid-stream`` (two events, then the connection breaks), ``slow-<seconds>`` (a pause
+    after each event).
     Engine-wide: ``fail_next`` answers 503 that many times; ``healthy`` drives /health.
     """
 
@@ -145,6 +147,8 @@ class FakeEngine:
             await _wait_disconnect(receive)
             return
         count = math.inf if mode == "endless" else self.stream_chunks
+        if mode == "die-mid-stream":
+            count = 2
         disconnected = trio.Event()
 
         async def watch() -> None:
@@ -171,6 +175,10 @@ class FakeEngine:
                 i += 1
                 if mode == "endless":
                     await trio.sleep(0.005)
+                elif mode.startswith("slow-"):
+                    await trio.sleep(float(mode.removeprefix("slow-")))
+            if mode == "die-mid-stream":
+                raise RuntimeError("engine crashed mid-stream (test)")
             if not disconnected.is_set():
                 await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
             nursery.cancel_scope.cancel()
