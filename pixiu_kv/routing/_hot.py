@@ -98,6 +98,11 @@ class HotPrefixes:
         n = self.fleet_size
         return max(1, min(n, math.ceil(share * n / self._threshold - 1e-9)))
 
+    def current(self, key: int) -> list[str]:
+        """The replicas a hot prefix has now (empty when it is not hot)."""
+        heat = self._tracked.get(key)
+        return heat.replicas if heat is not None and key in self._hot else []
+
     def is_hot(self, key: int) -> bool:
         return key in self._hot
 

@@ -4,16 +4,26 @@ The index is what this gateway *knows it sent*: every routed prompt is recorded 
 endpoint at decision time (so the next request of a burst already sees it), and engines'
 own reports (``usage.prompt_tokens_details.cached_tokens``) correct it.
 
+Engines' caches are LRU with a fixed capacity, and an LRU only evicts when something new
+comes in: a block survives exactly as long as fewer than *capacity* new tokens were cached
+after its last use. So each endpoint has an insertion counter (tokens it had to compute,
+as far as this gateway knows) and each entry is stamped with that counter at its last use;
+an entry is held while ``inserted - stamp <= capacity`` (its own tokens count). The
+capacity is learned from the engines' reports: a block the engine lacked bounds it from
+above, a block it still had bounds it from below (see :meth:`PrefixIndex.observe`).
+Unknown capacity = unbounded.
+
 Invariant: each endpoint's set of held blocks is *prefix-closed* (holding a block implies
-holding every block before it). ``record`` touches blocks deepest first, so a prefix is
-always at least as recent as any of its extensions, both in the LRU order and in the
-per-endpoint last-use times; LRU eviction, TTL expiry and eviction watermarks therefore
-drop extensions before their prefixes. Thanks to it ``match`` finds an endpoint's depth by
-binary search: O(log blocks) lookups per holder instead of a walk over every block.
+holding every block before it). ``record`` touches blocks deepest first and stamps a whole
+prompt alike, so a prefix is always at least as recent as any of its extensions, in the
+LRU order and in stamps; eviction by either drops extensions before their prefixes. Thanks
+to it ``match`` finds an endpoint's depth by binary search: O(log blocks) lookups per
+holder instead of a walk over every block.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -21,11 +31,11 @@ from ._blocks import BlockSchedule, PrefixKeys
 
 __all__ = ["PrefixIndex"]
 
-_NEVER = float("-inf")
+_UNKNOWN = math.inf
 
 
 class PrefixIndex:
-    """Bounded map: block key -> {endpoint id: last use}. All times come from the caller.
+    """Bounded map: block key -> {endpoint id: insertion stamp}.
 
     * ``match(tokens)`` -> {endpoint id: matched tokens} (only endpoints matching > 0).
     * ``record(endpoint, tokens)`` -> the endpoint now holds the prompt's blocks.
@@ -36,19 +46,19 @@ class PrefixIndex:
     ``lookups`` counts dictionary probes, so tests can check the cost without timing.
     """
 
-    __slots__ = ("_clock", "_entries", "_max_entries", "_schedule", "_ttl", "_watermark", "lookups")
+    __slots__ = ("_capacity", "_default_capacity", "_entries", "_inserted", "_max_entries",
+                 "_schedule", "lookups")
 
     def __init__(self, max_entries: int, schedule: BlockSchedule | None = None,
-                 ttl: float = float("inf")) -> None:
-        if max_entries < 1 or not ttl > 0:
-            raise ValueError("max_entries must be >= 1 and ttl > 0")
+                 engine_cache_tokens: float = _UNKNOWN) -> None:
+        if max_entries < 1 or not engine_cache_tokens > 0:
+            raise ValueError("max_entries must be >= 1 and engine_cache_tokens > 0")
         self._max_entries = max_entries
         self._schedule = schedule or BlockSchedule()
-        self._ttl = ttl
+        self._default_capacity = engine_cache_tokens
         self._entries: OrderedDict[int, dict[str, float]] = OrderedDict()
-        # Per endpoint: entries last used at or before this time are gone from its cache.
-        self._watermark: dict[str, float] = {}
-        self._clock = 0.0
+        self._inserted: dict[str, float] = {}
+        self._capacity: dict[str, float] = {}
         self.lookups = 0
 
     def __len__(self) -> int:
@@ -61,23 +71,26 @@ class PrefixIndex:
     def keys(self, tokens: Sequence[int] | PrefixKeys) -> PrefixKeys:
         return tokens if isinstance(tokens, PrefixKeys) else self._schedule.keys(tokens)
 
-    def _now(self, now: float | None) -> float:
-        if now is not None and now > self._clock:
-            self._clock = now
-        return self._clock
+    def capacity(self, endpoint_id: str) -> float:
+        """The endpoint's learned cache capacity in tokens (``inf``: not known yet)."""
+        return self._capacity.get(endpoint_id, self._default_capacity)
 
-    def _cutoff(self, endpoint_id: str, now: float) -> float:
-        return max(self._watermark.get(endpoint_id, _NEVER), now - self._ttl)
+    def inserted(self, endpoint_id: str) -> float:
+        """Tokens the endpoint had to compute so far, as far as this index knows."""
+        return self._inserted.get(endpoint_id, 0.0)
+
+    def _cutoff(self, endpoint_id: str) -> float:
+        """Entries stamped below this are evicted from the endpoint's cache."""
+        return self._inserted.get(endpoint_id, 0.0) - self._capacity.get(endpoint_id, self._default_capacity)
 
     # -- queries ---------------------------------------------------------------------
 
-    def match(self, tokens: Sequence[int] | PrefixKeys, now: float | None = None) -> dict[str, int]:
+    def match(self, tokens: Sequence[int] | PrefixKeys) -> dict[str, int]:
         """Tokens of the prompt each endpoint holds (its deepest held block's end)."""
         pk = self.keys(tokens)
         keys = pk.keys
         if not keys:
             return {}
-        now = self._now(now)
         entries = self._entries
         self.lookups += 1
         first = entries.get(keys[0])
@@ -85,9 +98,9 @@ class PrefixIndex:
             return {}
         matched: dict[str, int] = {}
         last = len(keys) - 1
-        for endpoint_id, used in first.items():
-            cutoff = self._cutoff(endpoint_id, now)
-            if used <= cutoff:
+        for endpoint_id, stamp in first.items():
+            cutoff = self._cutoff(endpoint_id)
+            if stamp < cutoff:
                 continue
             # Largest block index the endpoint holds; block lo is known held.
             lo, hi = 0, last
@@ -96,97 +109,129 @@ class PrefixIndex:
                 self.lookups += 1
                 entry = entries.get(keys[mid])
                 held = entry.get(endpoint_id) if entry is not None else None
-                if held is not None and held > cutoff:
+                if held is not None and held >= cutoff:
                     lo = mid
                 else:
                     hi = mid - 1
             matched[endpoint_id] = pk.ends[lo]
         return matched
 
-    def held_uses(self, endpoint_id: str, tokens: Sequence[int] | PrefixKeys,
-                  now: float | None = None) -> list[float | None]:
-        """Last-use times of the leading blocks the endpoint holds (prefix order)."""
+    def stamps(self, endpoint_id: str, tokens: Sequence[int] | PrefixKeys) -> list[float | None]:
+        """The endpoint's current stamp of each block of the prompt (None: no entry)."""
         pk = self.keys(tokens)
-        cutoff = self._cutoff(endpoint_id, self._now(now))
-        uses: list[float | None] = []
+        self.lookups += len(pk.keys)
+        out: list[float | None] = []
         for key in pk.keys:
-            self.lookups += 1
             entry = self._entries.get(key)
-            used = entry.get(endpoint_id) if entry is not None else None
-            if used is None or used <= cutoff:
-                break
-            uses.append(used)
-        return uses
+            out.append(entry.get(endpoint_id) if entry is not None else None)
+        return out
+
+    def held_depth(self, endpoint_id: str, stamps: Sequence[float | None],
+                   inserted: float | None = None) -> int:
+        """How many leading blocks were held, given their ``stamps`` and the endpoint's
+        insertion counter at the time (default: now)."""
+        if inserted is None:
+            inserted = self.inserted(endpoint_id)
+        cutoff = inserted - self.capacity(endpoint_id)
+        for depth, stamp in enumerate(stamps):
+            if stamp is None or stamp < cutoff:
+                return depth
+        return len(stamps)
 
     # -- updates ---------------------------------------------------------------------
 
-    def record(self, endpoint_id: str, tokens: Sequence[int] | PrefixKeys,
-               now: float | None = None) -> list[float | None]:
+    def record(self, endpoint_id: str, tokens: Sequence[int] | PrefixKeys
+               ) -> tuple[list[float | None], float]:
         """The endpoint holds the prompt's blocks from now on.
 
-        Returns each block's previous last use by this endpoint (None: not held), which
-        :meth:`observe` needs later to tell how old an evicted block was.
+        Returns each block's previous stamp for this endpoint (None: no entry) and the
+        endpoint's insertion counter before this prompt: :meth:`observe` needs both later
+        to tell what the engine was believed to hold.
         """
         pk = self.keys(tokens)
         keys = pk.keys
-        now = self._now(now)
         entries = self._entries
+        before = self._inserted.get(endpoint_id, 0.0)
+        cutoff = before - self._capacity.get(endpoint_id, self._default_capacity)
         get = entries.get
         move_to_end = entries.move_to_end
         prior: list[float | None] = []
         append = prior.append
+        missing = len(keys)  # first block the endpoint does not hold
+        i = len(keys)
         # Deepest first: a prefix must end up at least as recent as its extensions.
         for key in reversed(keys):
+            i -= 1
             entry = get(key)
             if entry is None:
-                entries[key] = {endpoint_id: now}
+                entries[key] = {endpoint_id: before}
                 append(None)
+                missing = i
             else:
                 move_to_end(key)
-                append(entry.get(endpoint_id))
-                entry[endpoint_id] = now
+                stamp = entry.get(endpoint_id)
+                append(stamp)
+                if stamp is None or stamp < cutoff:
+                    missing = i
+                entry[endpoint_id] = before
         self.lookups += len(keys)
+        if missing < len(keys):
+            self._inserted[endpoint_id] = before + pk.ends[-1] - (pk.ends[missing - 1] if missing else 0)
         while len(entries) > self._max_entries:
             entries.popitem(last=False)
         prior.reverse()
-        return prior
+        return prior, before
 
-    def held_depth(self, endpoint_id: str, uses: Sequence[float | None], now: float | None = None) -> int:
-        """How many leading blocks of ``uses`` (as :meth:`record` returned) were held."""
-        cutoff = self._cutoff(endpoint_id, self._now(now))
-        for depth, used in enumerate(uses):
-            if used is None or used <= cutoff:
-                return depth
-        return len(uses)
-
-    def observe(self, endpoint_id: str, tokens: Sequence[int] | PrefixKeys, cached_tokens: int,
-                now: float | None = None, *, prior: Sequence[float | None] | None = None) -> bool:
+    def observe(self, endpoint_id: str, tokens: Sequence[int] | PrefixKeys, cached_tokens: int, *,
+                receipt: tuple[Sequence[float | None], float] | None = None) -> bool:
         """An engine reports it had ``cached_tokens`` of this prompt before serving it.
 
-        Fewer than we believed means it evicted the first block it lacked, and with it,
-        being LRU, everything of it we last used no later than that block: the endpoint's
-        eviction watermark moves up to that block's last use. The prompt itself is then
-        recorded again, since the engine just computed it (trimming it would lose the
-        affinity of the conversation's next turn). ``prior`` is what :meth:`record`
-        returned when the request was routed (the index has been refreshed since); without
-        it the index's current state is the belief. Returns True when a correction was made.
+        ``receipt`` is what :meth:`record` returned when the request was routed (the prompt
+        is already recorded); without it the index's current state is the belief and the
+        prompt is recorded now. The deepest block the engine still had bounds its capacity
+        from below (it survived that many newer tokens), the first block it lacked bounds
+        it from above. The prompt itself stays recorded in full: the engine just computed
+        it (trimming it would lose the affinity of the conversation's next turn). Returns
+        True when the engine had less than believed.
         """
         pk = self.keys(tokens)
-        now = self._now(now)
-        uses = prior if prior is not None else self.held_uses(endpoint_id, pk, now)
-        uses = uses[: self.held_depth(endpoint_id, uses, now)]
-        corrected = False
-        # vLLM recomputes a prompt's last token even when fully cached, so a report up to one
-        # base block short of the belief is no evidence of eviction.
-        confirmed = cached_tokens + self._schedule.block_size
-        for i, used in enumerate(uses):
-            if used is not None and pk.ends[i] > confirmed:
-                if used > self._watermark.get(endpoint_id, _NEVER):
-                    self._watermark[endpoint_id] = used
-                corrected = True
+        if receipt is None:
+            prior: Sequence[float | None] = self.stamps(endpoint_id, pk)
+            before = self.inserted(endpoint_id)
+        else:
+            prior, before = receipt
+        believed_depth = self.held_depth(endpoint_id, prior, before)
+        believed = pk.ends[believed_depth - 1] if believed_depth else 0
+        # vLLM recomputes a prompt's last token even when all of it is cached, so a report of
+        # every whole block but the one holding the last token confirms the whole prompt.
+        block = self._schedule.block_size
+        confirmed = pk.length if cached_tokens >= (pk.length - 1) // block * block else cached_tokens
+        # A block survived (or not) every token inserted since its stamp, its own included.
+        capacity = self.capacity(endpoint_id)
+        lower = upper = None
+        for i, stamp in enumerate(prior):
+            if stamp is None:
                 break
-        self.record(endpoint_id, pk, now)
-        return corrected
+            if pk.ends[i] <= confirmed:
+                lower = before - stamp
+            else:
+                upper = before - stamp
+                break
+        if lower is not None and lower > capacity:
+            capacity = lower
+        if upper is not None and upper <= capacity:
+            capacity = max(upper - block, lower if lower is not None else 0.0, float(block))
+        if capacity != self.capacity(endpoint_id):
+            self._capacity[endpoint_id] = capacity
+        evicted = believed > confirmed
+        if receipt is None:
+            self.record(endpoint_id, pk)  # counts what the engine computed again
+        elif confirmed != believed:
+            # The routing-time record counted what was believed missing as inserted: the
+            # engine computed again what it had lost beyond that, and not what it still had.
+            held = min(confirmed, pk.ends[-1] if pk.ends else 0)
+            self._inserted[endpoint_id] = max(0.0, self.inserted(endpoint_id) + believed - held)
+        return evicted
 
     def discard(self, endpoint_id: str, tokens: Sequence[int] | PrefixKeys, keep_tokens: int) -> int:
         """The endpoint does not hold the prompt beyond ``keep_tokens`` (a failed request)."""
@@ -212,5 +257,4 @@ class PrefixIndex:
                     empty.append(key)
         for key in empty:
             del self._entries[key]
-        self._watermark.pop(endpoint_id, None)
         return removed

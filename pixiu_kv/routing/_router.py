@@ -35,6 +35,9 @@ __all__ = ["LearnedCost", "Router", "RouterStats"]
 # Predicted times closer than this are a tie (then load, then the id hash decide).
 _COST_RESOLUTION = 0.001
 _SHOWN_COSTS = 4
+# A hot prefix gets another replica only when all its engines are this busy (share of the
+# overload queue time, and of max_in_flight).
+_HOT_BUSY = 0.25
 
 
 @attrs.frozen(slots=True)
@@ -78,12 +81,23 @@ _TTFT: Final = 7
 
 
 class _Pending:
-    __slots__ = ("created", "endpoint_id", "keys", "load", "matched", "prefilled", "prior",
-                 "prompt_tokens", "queued", "ttft", "work")
+    __slots__ = (
+        "created",
+        "endpoint_id",
+        "keys",
+        "load",
+        "matched",
+        "prefilled",
+        "prompt_tokens",
+        "queued",
+        "receipt",
+        "ttft",
+        "work",
+    )
 
     def __init__(self, endpoint_id: str, work: float, queued: float, load: int, matched: int,
-                 prompt_tokens: int, keys: PrefixKeys | None, prior: list[float | None],
-                 created: float) -> None:
+                 prompt_tokens: int, keys: PrefixKeys | None,
+                 receipt: tuple[list[float | None], float] | None, created: float) -> None:
         self.endpoint_id = endpoint_id
         self.work = work
         self.queued = queued
@@ -91,7 +105,7 @@ class _Pending:
         self.matched = matched
         self.prompt_tokens = prompt_tokens
         self.keys = keys
-        self.prior = prior
+        self.receipt = receipt
         self.created = created
         self.ttft: float | None = None
         self.prefilled = False
@@ -104,7 +118,8 @@ class Router:
         cfg = config or RoutingConfig()
         self._cfg = cfg
         self._schedule = BlockSchedule(cfg.block_size, cfg.max_block_size)
-        self._index = (PrefixIndex(cfg.max_index_entries, self._schedule, cfg.index_ttl)
+        self._index = (PrefixIndex(cfg.max_index_entries, self._schedule,
+                                   cfg.engine_cache_tokens or float("inf"))
                        if cfg.prefix_index else None)
         self._hot = (HotPrefixes(window=cfg.hot_window, threshold=cfg.hot_threshold,
                                  min_requests=cfg.hot_min_requests, max_hot=cfg.max_hot_prefixes)
@@ -167,7 +182,7 @@ class Router:
                 keys = self._schedule.keys(tokens)
             prompt_tokens = len(tokens)
 
-        matched = self._index.match(keys, now) if self._index is not None and keys is not None else {}
+        matched = self._index.match(keys) if self._index is not None and keys is not None else {}
         if lookup:
             for instance_id, count in lookup.items():
                 count = min(count, prompt_tokens) if prompt_tokens else count
@@ -187,7 +202,6 @@ class Router:
         states = self._states
         id_hashes = self._id_hashes
         rows: list[_Row] = []
-        ranks: list[tuple[float, int, int, int]] = []
         best_eligible_real = 0
         for view in endpoints:
             if not view.healthy:
@@ -207,8 +221,6 @@ class Router:
             uncached_cost = learner.per_token
             fixed = queued + running * load + learner.base
             ttft = fixed + uncached_cost * (prompt_tokens - real) + per_cached * real
-            tie = id_hashes[endpoint_id] ^ salt
-            ranks.append((ttft // _COST_RESOLUTION if cost_model else -real, load, tie, len(rows)))
             rows.append((view, state, queued, load, overloaded, real, real, ttft))
         if not rows:
             self._decisions["no-endpoint"] += 1
@@ -226,11 +238,17 @@ class Router:
             if block >= 0:
                 hot_tokens = keys.ends[block]
                 self._hot.fleet_size = len(rows)
-                wanted = self._hot.note(keys.keys[block], hot_tokens, now)
-                if wanted > 1 or self._hot.is_hot(keys.keys[block]):
+                key = keys.keys[block]
+                wanted = self._hot.note(key, hot_tokens, now)
+                if wanted > 1 or self._hot.is_hot(key):
                     row_of = {row[_VIEW].id: i for i, row in enumerate(rows) if not row[_OVERLOADED]}
+                    kept = self._hot.current(key)
+                    if wanted > len(kept) and not self._pressed(rows, row_of, kept, matched, hot_tokens):
+                        # Popular, but its engines keep up: another copy would only take
+                        # cache space from other prefixes.
+                        wanted = max(1, len(kept))
                     replicas = self._hot.replicas(
-                        keys.keys[block], wanted, keys.tokens, usable=row_of.__contains__,
+                        key, wanted, keys.tokens, usable=row_of.__contains__,
                         holders=[e for e, n in matched.items() if n >= hot_tokens],
                         by_load=lambda: sorted(row_of, key=lambda e: (rows[row_of[e]][_QUEUED], e)))
                     for endpoint_id in replicas:
@@ -241,8 +259,22 @@ class Router:
                             ttft = row[_TTFT] - saved * (hot_tokens - row[_EFFECTIVE])
                             rows[i] = (row[_VIEW], row[_STATE], row[_QUEUED], row[_LOAD],
                                        row[_OVERLOADED], row[_REAL], hot_tokens, ttft)
-                            _, load, tie, _ = ranks[i]
-                            ranks[i] = (ttft // _COST_RESOLUTION if cost_model else -hot_tokens, load, tie, i)
+
+        # Rank: predicted TTFT, plus a penalty for computing again what another eligible
+        # endpoint holds (a copy costs the fleet cache space: spill only when clearly faster);
+        # ties: load, then a per-prompt hash of the id (identical prompts agree everywhere).
+        duplicate = cfg.duplicate_cost_factor
+        ranks: list[tuple[float, int, int, int]] = []
+        for i, row in enumerate(rows):
+            effective = row[_EFFECTIVE]
+            if cost_model:
+                score = row[_TTFT]
+                if effective < best_eligible_real:
+                    score += duplicate * row[_STATE].learner.per_token * (best_eligible_real - effective)
+                first = score // _COST_RESOLUTION
+            else:
+                first = -effective
+            ranks.append((first, row[_LOAD], id_hashes[row[_VIEW].id] ^ salt, i))
 
         reason: Reason
         winner = rows[min(ranks)[3]]
@@ -267,11 +299,11 @@ class Router:
         real_matched = min(matched.get(view.id, 0), prompt_tokens)
         work = state.learner.per_token * (prompt_tokens - real_matched) + per_cached * real_matched
         state.queue.add(work, now)
-        prior = (self._index.record(view.id, keys, now)
-                 if self._index is not None and keys is not None else [])
+        receipt = (self._index.record(view.id, keys)
+                   if self._index is not None and keys is not None else None)
         handle = next(self._handles)
         self._pending[handle] = _Pending(view.id, work, winner[_QUEUED], winner[_LOAD], real_matched,
-                                         prompt_tokens, keys, prior, now)
+                                         prompt_tokens, keys, receipt, now)
         if len(self._pending) > cfg.max_pending:
             self._drop(next(iter(self._pending)))
         self._decisions[reason] += 1
@@ -281,6 +313,20 @@ class Router:
         return Decision(endpoint_id=view.id, reason=reason, matched_tokens=real_matched,
                         prompt_tokens=prompt_tokens, reservation=handle, predicted_ttft=winner[_TTFT],
                         cost_rows=shown)
+
+    def _pressed(self, rows: list[_Row], row_of: Mapping[str, int], kept: Sequence[str],
+                 matched: Mapping[str, int], hot_tokens: int) -> bool:
+        """Every usable engine serving the prefix (holder or replica) is busy."""
+        busy_queue = self._cfg.overload_queue_time * _HOT_BUSY
+        serving = {e for e, n in matched.items() if n >= hot_tokens and e in row_of}
+        serving.update(e for e in kept if e in row_of)
+        if not serving:
+            return True
+        for endpoint_id in serving:
+            row = rows[row_of[endpoint_id]]
+            if row[_QUEUED] < busy_queue and row[_LOAD] < row[_VIEW].max_in_flight * _HOT_BUSY:
+                return False
+        return True
 
     # -- feedback --------------------------------------------------------------------
 
@@ -314,8 +360,8 @@ class Router:
                                - self._cached_cost * cached)
             state.learner.learn(total - cached, prefill_seconds)
         if cached_tokens is not None and self._index is not None and pending.keys is not None:
-            if self._index.observe(pending.endpoint_id, pending.keys, cached_tokens, now,
-                                   prior=pending.prior):
+            if self._index.observe(pending.endpoint_id, pending.keys, cached_tokens,
+                                   receipt=pending.receipt):
                 self._corrections += 1
 
     def on_failure(self, decision: Decision, now: float | None = None) -> None:
@@ -325,8 +371,9 @@ class Router:
         if pending is None:
             return
         self._release(pending, self._clock if now is None else now)
-        if self._index is not None and pending.keys is not None:
-            depth = self._index.held_depth(pending.endpoint_id, pending.prior)
+        if self._index is not None and pending.keys is not None and pending.receipt is not None:
+            prior, before = pending.receipt
+            depth = self._index.held_depth(pending.endpoint_id, prior, before)
             kept = pending.keys.ends[depth - 1] if depth else 0
             self._index.discard(pending.endpoint_id, pending.keys, kept)
 

@@ -77,8 +77,9 @@ class RoutingConfig:
     max_index_entries: int = attrs.field(default=200_000, validator=_positive)
     block_size: int = attrs.field(default=16, validator=_block_size)
     max_block_size: int = attrs.field(default=256, validator=_block_size)
-    # Endpoints' engine caches whose entries were not refreshed for this long are assumed gone.
-    index_ttl: float = attrs.field(default=1800.0, validator=_positive)
+    # Tokens an engine's cache holds (GPU and its LMCache tier together); 0: learned from the
+    # engines' cached-token reports, unbounded until the first report shows an eviction.
+    engine_cache_tokens: int = attrs.field(default=0, validator=_non_negative)
 
     cost_model: bool = True
     prefill_tokens_per_second: float = attrs.field(default=8000.0, validator=_positive)
@@ -86,6 +87,9 @@ class RoutingConfig:
     base_latency: float = attrs.field(default=0.02, validator=_non_negative)
     running_request_cost: float = attrs.field(default=0.002, validator=_non_negative)
     learning_rate: float = attrs.field(default=0.05, validator=_ratio)
+    # Ranking penalty, in units of the endpoint's own prefill time, for computing again the
+    # tokens another eligible endpoint holds: a copy costs the fleet cache space.
+    duplicate_cost_factor: float = attrs.field(default=1.0, validator=_non_negative)
 
     overload_in_flight_ratio: float = attrs.field(default=0.85, validator=_ratio)
     overload_queue_time: float = attrs.field(default=2.0, validator=_positive)
@@ -130,13 +134,14 @@ def read_routing_config(t: Table) -> RoutingConfig:
         max_index_entries=t.integer("max_index_entries", d.max_index_entries, minimum=1),
         block_size=t.integer("block_size", d.block_size, minimum=1),
         max_block_size=t.integer("max_block_size", d.max_block_size, minimum=1),
-        index_ttl=t.duration("index_ttl", d.index_ttl, positive=True),
+        engine_cache_tokens=t.integer("engine_cache_tokens", d.engine_cache_tokens, minimum=0),
         cost_model=t.flag("cost_model", d.cost_model),
         prefill_tokens_per_second=t.number("prefill_tokens_per_second", d.prefill_tokens_per_second),
         cached_tokens_per_second=t.number("cached_tokens_per_second", d.cached_tokens_per_second),
         base_latency=t.duration("base_latency", d.base_latency),
         running_request_cost=t.duration("running_request_cost", d.running_request_cost),
         learning_rate=t.number("learning_rate", d.learning_rate),
+        duplicate_cost_factor=t.number("duplicate_cost_factor", d.duplicate_cost_factor, minimum=0),
         overload_in_flight_ratio=t.number("overload_in_flight_ratio", d.overload_in_flight_ratio),
         overload_queue_time=t.duration("overload_queue_time", d.overload_queue_time, positive=True),
         hot_spread=t.flag("hot_spread", d.hot_spread),

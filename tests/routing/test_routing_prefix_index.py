@@ -61,31 +61,31 @@ def test_keys_name_whole_prefixes() -> None:
 def test_match_after_record_finds_the_deepest_shared_block_per_endpoint() -> None:
     index = PrefixIndex(max_entries=10_000)
     system = _prompt(1, 1500)
-    index.record("e1", system + _prompt(2, 300), now=1.0)
-    index.record("e2", system[:600], now=1.0)
+    index.record("e1", system + _prompt(2, 300))
+    index.record("e2", system[:600])
     query = system + _prompt(3, 500)
-    matched = index.match(query, now=2.0)
+    matched = index.match(query)
     assert matched == {"e1": 1472, "e2": 576}  # 1472 = last boundary <= 1500; 576 <= 600
-    assert index.match(_prompt(9, 2000), now=2.0) == {}
+    assert index.match(_prompt(9, 2000)) == {}
 
 
 def test_match_is_empty_for_prompts_shorter_than_a_block() -> None:
     index = PrefixIndex(max_entries=100)
-    index.record("e1", [1, 2, 3], now=0.0)
-    assert index.match([1, 2, 3], now=0.0) == {}
+    index.record("e1", [1, 2, 3])
+    assert index.match([1, 2, 3]) == {}
     assert len(index) == 0
 
 
 def test_total_entries_are_bounded_and_the_least_recent_prefixes_go_first() -> None:
     index = PrefixIndex(max_entries=200)
     old = _prompt(1, 1024)  # 64 blocks
-    index.record("e1", old, now=0.0)
+    index.record("e1", old)
     for i in range(10):
-        index.record("e2", _prompt(100 + i, 512), now=1.0 + i)  # 32 blocks each
+        index.record("e2", _prompt(100 + i, 512))  # 32 blocks each
         assert len(index) <= 200
     assert len(index) == 200
-    assert index.match(old, now=20.0) == {}
-    assert index.match(_prompt(109, 512), now=20.0) == {"e2": 512}
+    assert index.match(old) == {}
+    assert index.match(_prompt(109, 512)) == {"e2": 512}
 
 
 def test_lru_drops_extensions_before_their_prefix() -> None:
@@ -93,106 +93,129 @@ def test_lru_drops_extensions_before_their_prefix() -> None:
     index = PrefixIndex(max_entries=80)
     system = _prompt(1, 512)  # 32 blocks, then room for the 6 most recent tails
     for i in range(10):
-        index.record("e1", system + _prompt(10 + i, 256), now=float(i))  # +8 blocks each
-    matched = index.match(system + _prompt(99, 256), now=11.0)
+        index.record("e1", system + _prompt(10 + i, 256))  # +8 blocks each
+    matched = index.match(system + _prompt(99, 256))
     assert matched == {"e1": 512}
     # Recent tails survive, the oldest ones are gone, none is half-kept.
-    assert index.match(system + _prompt(19, 256), now=11.0) == {"e1": 768}
-    assert index.match(system + _prompt(10, 256), now=11.0) == {"e1": 512}
+    assert index.match(system + _prompt(19, 256)) == {"e1": 768}
+    assert index.match(system + _prompt(10, 256)) == {"e1": 512}
 
 
-def test_ttl_expires_beliefs() -> None:
-    index = PrefixIndex(max_entries=1000, ttl=60.0)
-    p = _prompt(1, 256)
-    index.record("e1", p, now=0.0)
-    assert index.match(p, now=59.0) == {"e1": 256}
-    assert index.match(p, now=61.0) == {}
+def test_a_known_capacity_expires_entries_after_that_many_newer_tokens() -> None:
+    index = PrefixIndex(max_entries=100_000, engine_cache_tokens=2048)
+    first = _prompt(1, 1024)
+    index.record("e1", first)
+    index.record("e1", _prompt(2, 512))  # 1536 newer tokens: first still fits
+    assert index.match(first) == {"e1": 1024}
+    index.record("e1", first)  # touched again: most recent
+    index.record("e1", _prompt(3, 1024))
+    assert index.match(first) == {"e1": 1024}
+    index.record("e1", _prompt(4, 1024))  # 2048 tokens inserted since its last use: still fits
+    assert index.match(first) == {"e1": 1024}
+    index.record("e1", _prompt(5, 16))  # one block more: evicted
+    assert index.match(first) == {}
+    # Re-sending what it holds inserts nothing.
+    before = index.inserted("e1")
+    index.record("e1", _prompt(4, 1024))
+    assert index.inserted("e1") == before
 
 
 def test_match_costs_logarithmic_lookups_per_holder_and_record_one_per_block() -> None:
     index = PrefixIndex(max_entries=100_000)
     prompt = _prompt(1, 4096)  # 80 blocks
     for e in ("e1", "e2", "e3"):
-        index.record(e, prompt[: 1000 * (1 + len(e))], now=0.0)
+        index.record(e, prompt[: 1000 * (1 + len(e))])
     keys = index.keys(prompt)
     index.lookups = 0
-    matched = index.match(keys, now=1.0)
+    matched = index.match(keys)
     assert len(matched) == 3
     assert index.lookups <= 1 + 3 * 7  # ceil(log2(80)) = 7 probes per holder
     index.lookups = 0
-    index.record("e4", keys, now=1.0)
+    index.record("e4", keys)
     assert index.lookups == len(keys.keys) == 80
 
 
 def test_match_work_grows_with_blocks_not_with_the_index_size() -> None:
     small, large = PrefixIndex(max_entries=1_000_000), PrefixIndex(max_entries=1_000_000)
     prompt = _prompt(1, 2048)
-    small.record("e1", prompt, now=0.0)
-    large.record("e1", prompt, now=0.0)
+    small.record("e1", prompt)
+    large.record("e1", prompt)
     for i in range(300):
-        large.record(f"e{i % 7}", _prompt(1000 + i, 1024), now=0.0)
+        large.record(f"e{i % 7}", _prompt(1000 + i, 1024))
     small.lookups = large.lookups = 0
-    assert small.match(prompt, now=1.0) == large.match(prompt, now=1.0) == {"e1": 2048}
+    assert small.match(prompt) == large.match(prompt) == {"e1": 2048}
     assert small.lookups == large.lookups
 
 
 # -- corrections ----------------------------------------------------------------------
 
-def test_a_lower_cached_count_means_older_entries_of_that_endpoint_were_evicted() -> None:
-    index = PrefixIndex(max_entries=10_000)
-    old_a, old_b, fresh = _prompt(1, 1024), _prompt(2, 1024), _prompt(3, 1024)
-    index.record("e1", old_a, now=1.0)
-    index.record("e1", old_b, now=2.0)
-    index.record("e1", fresh, now=50.0)
-    index.record("e2", old_a, now=1.0)
-    # A new turn of old_a is routed to e1 (the index believes 1024 cached) ...
-    turn = old_a + _prompt(4, 200)
-    prior = index.record("e1", turn, now=60.0)
-    assert len(prior) == len(index.schedule.ends(1224))
-    assert index.held_depth("e1", prior, now=60.0) == len(index.schedule.ends(1024))
-    # ... but the engine had only 256 of them: it evicted what we last used at t=1.
-    assert index.observe("e1", turn, cached_tokens=256, now=61.0, prior=prior)
-    matched = index.match(old_b, now=62.0)
-    assert "e1" in matched  # t=2 is newer than the evicted block
-    assert index.match(fresh, now=62.0) == {"e1": 1024}
-    # The prompt just served is held again in full (its next turn must stay here) ...
-    assert index.match(turn, now=62.0)["e1"] == index.schedule.ends(1224)[-1]
+def test_reports_teach_the_engine_capacity_and_stale_beliefs_vanish() -> None:
+    index = PrefixIndex(max_entries=100_000)
+    prompts = [_prompt(i, 1024) for i in range(8)]
+    for p in prompts:
+        index.record("e1", p)
+    index.record("e2", prompts[0])
+    assert index.capacity("e1") == float("inf")
+    # A new turn of prompts[0] goes to e1, which the index believes holds 1024 of it ...
+    turn = prompts[0] + _prompt(100, 200)
+    receipt = index.record("e1", turn)
+    assert index.held_depth("e1", *receipt) == len(index.schedule.ends(1024))
+    # ... but the engine had none of it: 8192 tokens since prompts[0] (its own included)
+    # were more than it holds.
+    assert index.observe("e1", turn, cached_tokens=0, receipt=receipt)
+    assert index.capacity("e1") < 8 * 1024
+    assert index.match(prompts[1]) == {}  # as old as the evicted one: gone too
+    assert index.match(prompts[7]) == {"e1": 1024}  # recent: kept
+    # The prompt just served is held in full (its next turn must stay here) ...
+    assert index.match(turn)["e1"] == index.schedule.ends(1224)[-1]
     # ... and other endpoints are untouched.
-    assert index.match(old_a, now=62.0)["e2"] == 1024
+    assert index.match(prompts[0])["e2"] == 1024
 
 
-def test_eviction_watermark_removes_all_entries_as_old_as_the_evicted_one() -> None:
-    index = PrefixIndex(max_entries=10_000)
-    old, recent = _prompt(1, 512), _prompt(2, 512)
-    probe = _prompt(3, 512)
-    index.record("e1", old, now=1.0)
-    index.record("e1", probe, now=3.0)
-    index.record("e1", recent, now=5.0)
-    # Standalone observe (no prior): the engine had nothing of probe (used at t=3).
-    assert index.observe("e1", probe, cached_tokens=0, now=10.0)
-    assert index.match(old, now=10.0) == {}
-    assert index.match(recent, now=10.0) == {"e1": 512}
-    assert index.match(probe, now=10.0) == {"e1": 512}  # recomputed just now
+def test_a_hit_beyond_the_believed_capacity_raises_it() -> None:
+    index = PrefixIndex(max_entries=100_000, engine_cache_tokens=1024)
+    old = _prompt(1, 1024)
+    index.record("e1", old)
+    index.record("e1", _prompt(2, 2048))
+    assert index.match(old) == {}
+    receipt = index.record("e1", old)
+    assert not index.observe("e1", old, cached_tokens=1008, receipt=receipt)  # it was there
+    assert index.capacity("e1") >= 3072
+
+
+def test_observe_without_a_receipt_uses_the_current_belief_and_records() -> None:
+    index = PrefixIndex(max_entries=100_000)
+    old, recent, probe = _prompt(1, 512), _prompt(2, 512), _prompt(3, 512)
+    index.record("e1", old)
+    index.record("e1", probe)
+    index.record("e1", recent)
+    assert index.observe("e1", probe, cached_tokens=0)
+    assert index.capacity("e1") < 1024  # probe did not survive 1024 tokens
+    assert index.match(old) == {}
+    assert index.match(probe) == {"e1": 512}  # recomputed just now
+    # Its recomputation was counted: recent (512) + probe (512) no longer fit together.
+    assert index.match(recent) == {}
 
 
 def test_a_report_within_one_block_of_the_belief_is_not_an_eviction() -> None:
     # vLLM recomputes the last token of a fully cached prompt and reports one block less.
     index = PrefixIndex(max_entries=10_000)
     other, p = _prompt(1, 512), _prompt(2, 512)
-    index.record("e1", other, now=0.0)
-    prior = index.record("e1", p, now=1.0)
-    prior = index.record("e1", p, now=2.0)
-    assert not index.observe("e1", p, cached_tokens=496, now=3.0, prior=prior)
-    assert index.match(other, now=3.0) == {"e1": 512}
+    index.record("e1", other)
+    index.record("e1", p)
+    receipt = index.record("e1", p)
+    assert not index.observe("e1", p, cached_tokens=496, receipt=receipt)
+    assert index.match(other) == {"e1": 512}
+    assert index.capacity("e1") == float("inf")
 
 
 def test_discard_and_forget() -> None:
     index = PrefixIndex(max_entries=10_000)
     p = _prompt(1, 1024)
-    index.record("e1", p, now=0.0)
-    index.record("e2", p, now=0.0)
+    index.record("e1", p)
+    index.record("e2", p)
     assert index.discard("e1", p, keep_tokens=256) > 0
-    assert index.match(p, now=1.0) == {"e1": 256, "e2": 1024}
+    assert index.match(p) == {"e1": 256, "e2": 1024}
     assert index.forget("e2") == len(index.schedule.ends(1024))
-    assert index.match(p, now=1.0) == {"e1": 256}
+    assert index.match(p) == {"e1": 256}
     assert len(index) == len(index.schedule.ends(256))

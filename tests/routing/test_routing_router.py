@@ -40,7 +40,7 @@ def test_overload_beats_affinity(case: str, e0: dict[str, object], queued_before
     router = Router(RoutingConfig(hot_spread=False, session_affinity=False))
     prompt = _prompt(1, 3000)
     assert router.index is not None
-    router.index.record("e0", prompt, now=0.0)
+    router.index.record("e0", prompt)
     fleet = _fleet()
     # Queue work on e0 only (its own distinct prompts, in one instant): 9 x 0.5 s > 2 s guard.
     for i in range(queued_before):
@@ -53,17 +53,21 @@ def test_overload_beats_affinity(case: str, e0: dict[str, object], queued_before
         assert d.matched_tokens == 0
 
 
-@pytest.mark.parametrize(("holder_queue_requests", "expect_holder"), [
-    (0, True),   # cached prefix: ~2 s of prefill saved
-    (1, True),   # 0.5 s queued < 2 s saved
-    (3, True),   # 1.5 s queued < 2 s saved
-    (5, False),  # 2.5 s queued > 2 s saved: computing it again elsewhere is faster
+@pytest.mark.parametrize(("holder_queue_requests", "duplicate_cost_factor", "expect_holder"), [
+    (0, 0.0, True),   # cached prefix: ~2 s of prefill saved
+    (1, 0.0, True),   # 0.5 s queued < 2 s saved
+    (3, 0.0, True),   # 1.5 s queued < 2 s saved
+    (5, 0.0, False),  # 2.5 s queued > 2 s saved: computing it again elsewhere is faster
+    (5, 1.0, True),   # ... but a copy costs cache space: spill only past twice the savings
+    (9, 1.0, False),  # 4.5 s queued
 ])
-def test_cache_and_queue_are_traded_in_one_cost(holder_queue_requests: int, expect_holder: bool) -> None:
-    router = Router(RoutingConfig(hot_spread=False, session_affinity=False, overload_queue_time=10.0))
+def test_cache_and_queue_are_traded_in_one_cost(holder_queue_requests: int, duplicate_cost_factor: float,
+                                                expect_holder: bool) -> None:
+    router = Router(RoutingConfig(hot_spread=False, session_affinity=False, overload_queue_time=10.0,
+                                  duplicate_cost_factor=duplicate_cost_factor))
     prefix = _prompt(1, 16_000)  # 2 s of prefill at the prior 8000 tokens/s
     assert router.index is not None
-    router.index.record("e0", prefix, now=0.0)
+    router.index.record("e0", prefix)
     fleet = _fleet(2)
     for i in range(holder_queue_requests):
         router.decide([fleet[0]], _prompt(100 + i, 4000), None, None, now=1.0)
@@ -71,7 +75,7 @@ def test_cache_and_queue_are_traded_in_one_cost(holder_queue_requests: int, expe
     assert (d.endpoint_id == "e0") is expect_holder
     assert d.reason == ("cache" if expect_holder else "load")
     assert d.predicted_ttft is not None
-    assert d.predicted_ttft == min(c.predicted_ttft for c in d.costs)
+    assert d.predicted_ttft == next(c.predicted_ttft for c in d.costs if c.endpoint_id == d.endpoint_id)
 
 
 def test_a_burst_sees_its_own_reservations_and_never_overruns_an_endpoint() -> None:
@@ -109,33 +113,46 @@ def test_a_burst_goes_to_the_cache_holder_while_it_is_cheap_then_spills() -> Non
 # -- hot prefixes ---------------------------------------------------------------------
 
 def _hot_traffic(router: Router, fleet: list[EndpointView], n: int) -> Counter[str | None]:
+    """A shared prefix arriving faster than it is served: requests pile up in flight."""
     system = _prompt(1, 2048)
     placed: Counter[str | None] = Counter()
     for i in range(n):
-        now = i * 0.1
-        d = router.decide(fleet, system + _prompt(1000 + i, 64), None, None, now=now)
+        d = router.decide(fleet, system + _prompt(1000 + i, 64), None, None, now=i * 0.02)
         placed[d.endpoint_id] += 1
-        _serve(router, d)
     return placed
 
 
 def test_a_hot_prefix_is_placed_on_more_engines_and_named_for_pinning() -> None:
     fleet = _fleet(4)
     cold = Router(RoutingConfig(hot_spread=False))
-    placed_cold = _hot_traffic(cold, fleet, 60)
-    assert len(placed_cold) == 1  # every request is cheapest on the one holder
+    placed_cold = _hot_traffic(cold, fleet, 50)
+    assert len(placed_cold) == 1  # cheapest on the one holder until its overload guard
     assert cold.hot_placements() == []
 
     hot = Router(RoutingConfig(hot_spread=True, hot_threshold=1.0))
-    placed_hot = _hot_traffic(hot, fleet, 60)
-    assert len(placed_hot) == 4  # 100% of traffic = 4 engines' fair share -> 4 replicas
-    placements = hot.hot_placements(now=6.0)
+    placed_hot = _hot_traffic(hot, fleet, 50)
+    # 100% of traffic = 4 engines' fair share -> up to 4 replicas, added while they are busy.
+    assert len(placed_hot) == 4
+    assert max(placed_hot.values()) < 30
+    placements = hot.hot_placements(now=1.0)
     assert {p.endpoint_id for p in placements} == {"e0", "e1", "e2", "e3"}
     assert len({p.key for p in placements}) == 1
     assert placements[0].tokens == tuple(_prompt(1, 2048))
     assert len(placements[0].chunk_aligned(256)) == 2048
-    reasons = Counter(hot.stats().decisions)
-    assert reasons["hot-spread"] >= 3  # one first placement per new replica at least
+    assert hot.stats().decisions["hot-spread"] >= 3  # one first placement per new replica
+
+
+def test_a_popular_prefix_whose_engines_keep_up_is_not_copied() -> None:
+    router = Router(RoutingConfig(hot_spread=True))
+    fleet = _fleet(4)
+    system = _prompt(1, 2048)
+    placed: Counter[str | None] = Counter()
+    for i in range(60):
+        d = router.decide(fleet, system + _prompt(1000 + i, 64), None, None, now=i * 0.1)
+        placed[d.endpoint_id] += 1
+        _serve(router, d)  # served before the next one arrives
+    assert len(placed) == 1
+    assert router.hot_placements(now=6.0) == []
 
 
 def test_replicas_grow_with_popularity_and_cold_prefixes_are_dropped() -> None:
@@ -143,11 +160,11 @@ def test_replicas_grow_with_popularity_and_cold_prefixes_are_dropped() -> None:
     fleet = _fleet(8)
     hot_prefix = _prompt(1, 1024)
     now = 0.0
-    # Half of the traffic shares a prefix: 4 fair shares of 8 engines -> 4 replicas.
-    for i in range(200):
-        now += 0.05
+    # Half of the traffic shares a prefix: 4 fair shares of 8 engines -> up to 4 replicas.
+    for i in range(300):
+        now += 0.01
         prompt = hot_prefix + _prompt(10_000 + i, 64) if i % 2 else _prompt(20_000 + i, 1088)
-        _serve(router, router.decide(fleet, prompt, None, None, now=now))
+        router.decide(fleet, prompt, None, None, now=now)
     placements = router.hot_placements(now)
     assert len({p.endpoint_id for p in placements}) == 4
     assert all(p.tokens == tuple(hot_prefix) for p in placements)
@@ -313,7 +330,7 @@ def test_failure_releases_the_reservation_and_the_unheld_blocks() -> None:
     router.on_failure(d)  # twice is harmless
     assert router.stats().pending == 0
     assert router.index is not None
-    assert router.index.match(prompt, now=0.0) == {}
+    assert router.index.match(prompt) == {}
     assert all(e.outstanding == 0 and e.queued_seconds == 0 for e in router.stats().endpoints)
 
 
