@@ -9,6 +9,7 @@ recomputation, and the skew makes pure affinity pile the hottest groups onto one
 
 from __future__ import annotations
 
+import functools
 import heapq
 import random
 from collections import OrderedDict
@@ -25,6 +26,21 @@ _BASE = 0.02
 _DECODE_S = 1.0
 
 
+_KEYS: dict[int, list[int]] = {}
+
+
+def _engine_keys(tokens: Sequence[int]) -> list[int]:
+    """The engine's 16-token block keys of a prompt (memoised: prompts live for the module)."""
+    keys = _KEYS.get(id(tokens))
+    if keys is None:
+        keys, h = [], 0
+        for start in range(0, len(tokens) - _BLOCK + 1, _BLOCK):
+            h = hash((h, tuple(tokens[start:start + _BLOCK])))
+            keys.append(h)
+        _KEYS[id(tokens)] = keys
+    return keys
+
+
 class _Engine:
     def __init__(self, engine_id: str, capacity_blocks: int) -> None:
         self.id = engine_id
@@ -33,16 +49,9 @@ class _Engine:
         self.free_at = 0.0
         self.in_flight = 0
 
-    def _keys(self, tokens: Sequence[int]) -> list[int]:
-        keys, h = [], 0
-        for start in range(0, len(tokens) - _BLOCK + 1, _BLOCK):
-            h = hash((h, tuple(tokens[start:start + _BLOCK])))
-            keys.append(h)
-        return keys
-
     def cached(self, tokens: Sequence[int]) -> int:
         n = 0
-        for key in self._keys(tokens):
+        for key in _engine_keys(tokens):
             if key not in self.blocks:
                 break
             n += 1
@@ -54,7 +63,7 @@ class _Engine:
         cached = self.cached(tokens)
         done = start + _BASE + (len(tokens) - cached) / _PREFILL_TOKENS_PER_S
         self.free_at = done
-        for key in self._keys(tokens):
+        for key in _engine_keys(tokens):
             self.blocks[key] = None
             self.blocks.move_to_end(key)
         while len(self.blocks) > self.capacity:
@@ -72,6 +81,7 @@ class _Result:
 Policy = Callable[[list[_Engine], list[int], float], tuple[_Engine, Decision | None]]
 
 
+@functools.cache
 def _workload(n: int, rate: float, groups: int, seed: int = 5) -> list[tuple[float, list[int]]]:
     rnd = random.Random(seed)
     systems = [[rnd.randrange(32000) for _ in range(2048)] for _ in range(groups)]
