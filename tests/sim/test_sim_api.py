@@ -215,3 +215,19 @@ async def test_chat_template_options_and_bad_messages(client: httpx.AsyncClient)
     both = await client.post("/tokenize", json={"messages": messages, "add_generation_prompt": True,
                                                  "continue_final_message": True})
     assert both.status_code == 400
+
+
+async def test_chat_stream_with_two_choices(client: httpx.AsyncClient) -> None:
+    body = {"messages": [{"role": "user", "content": "two please"}], "max_tokens": 2, "n": 2, "stream": True}
+    reply = await client.post("/v1/chat/completions", json=body)
+    chunks = [json.loads(p) for p in sse_events(reply.text)[:-1]]
+    roles = [c for c in chunks if "role" in c["choices"][0]["delta"]]
+    assert sorted(c["choices"][0]["index"] for c in roles) == [0, 1]
+    per_choice = {0: 0, 1: 0}
+    for c in chunks:
+        if "role" not in c["choices"][0]["delta"]:
+            per_choice[c["choices"][0]["index"]] += 1
+    assert per_choice == {0: 2, 1: 2}
+    no_stream = await client.post("/v1/completions",
+                                  json={"prompt": "x", "stream_options": {"include_usage": True}})
+    assert no_stream.status_code == 400

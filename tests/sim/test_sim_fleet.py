@@ -66,3 +66,28 @@ def test_cli_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["--engines", "0"]) == 2
     assert cli_main(["--speed", "-1"]) == 2
     assert "pixiu-kv sim" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_a_fleet_until_interrupted() -> None:
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    with subprocess.Popen(
+        [sys.executable, "-m", "pixiu_kv.sim", "--engines", "2", "--speed", "100", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            fleet = json.loads(proc.stdout.readline())
+            assert [e["instance_id"] for e in fleet["engines"]] == ["engine-0", "engine-1"]
+            assert fleet["controller_url"].startswith("http://127.0.0.1:")
+            reply = httpx.get(fleet["engines"][1]["url"] + "/v1/models", timeout=10)
+            assert reply.json()["data"][0]["id"] == "sim-llama-8b"
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
