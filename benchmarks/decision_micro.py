@@ -85,11 +85,11 @@ class _Bench:
 
     def index_match(self, start: int) -> None:
         for k in range(start, start + _BATCH):
-            self.index.match(self.keys[k % len(self.keys)], 2000.0)
+            self.index.match(self.keys[k % len(self.keys)])
 
     def index_record(self, start: int) -> None:
         for k in range(start, start + _BATCH):
-            self.index.record("engine-00", self.keys[k % len(self.keys)], 2000.0)
+            self.index.record("engine-00", self.keys[k % len(self.keys)])
 
     def reference(self, start: int) -> None:
         """Hashing the prompt's ids once (a lower bound of any exact prefix key)."""
