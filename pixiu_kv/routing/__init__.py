@@ -9,6 +9,7 @@ from ._blocks import BlockSchedule, PrefixKeys
 from ._cost import PrefillLearner, PrefillQueue
 from ._hot import HotPlacement, HotPrefixes
 from ._prefix_index import PrefixIndex
+from ._request import ROUTING_INPUT_KEY, RoutingInput, session_key_of
 from ._router import LearnedCost, Router, RouterStats
 from ._session import SessionRing, stable_hash
 from ._types import CostLine, Decision, EndpointView, Reason
@@ -16,6 +17,7 @@ from .config import RoutingConfig, read_routing_config
 from .usage import Usage, UsageScanner
 
 __all__ = [
+    "ROUTING_INPUT_KEY",
     "BlockSchedule",
     "CostLine",
     "Decision",
@@ -31,9 +33,11 @@ __all__ = [
     "Router",
     "RouterStats",
     "RoutingConfig",
+    "RoutingInput",
     "SessionRing",
     "Usage",
     "UsageScanner",
     "read_routing_config",
+    "session_key_of",
     "stable_hash",
 ]

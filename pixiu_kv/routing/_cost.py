@@ -18,10 +18,10 @@ __all__ = ["PrefillLearner", "PrefillQueue"]
 # line), so a slope that the data cannot identify (all prompts the same size) falls back to it.
 _PRIOR_WEIGHT = 0.1
 _PRIOR_TOKENS = 1024.0
-# The learned per-token cost stays within this factor of the prior: a broken clock or a
-# pathological burst must not make an endpoint look free or unusable for ever.
-_SLOPE_RANGE = 100.0
-_MAX_BASE = 30.0
+# The learned costs stay within this factor of the prior: a broken clock or a pathological
+# burst must not make an endpoint look free or unusable for ever.
+_SLOPE_RANGE = 30.0
+_MIN_MAX_BASE = 1.0
 # Residuals beyond this many mean absolute residuals are clipped (outliers: GC pauses,
 # preemptions, network hiccups).
 _CLIP = 3.0
@@ -87,7 +87,7 @@ class PrefillLearner:
         slope = min(max(slope, self._prior_slope / _SLOPE_RANGE), self._prior_slope * _SLOPE_RANGE)
         base = (sy - slope * sx) / sw
         self.per_token = slope
-        self.base = min(max(base, 0.0), _MAX_BASE)
+        self.base = min(max(base, 0.0), max(_SLOPE_RANGE * self._prior_base, _MIN_MAX_BASE))
 
 
 class PrefillQueue:

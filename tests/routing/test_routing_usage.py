@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pixiu_kv.routing import Usage, UsageScanner
+from pixiu_kv.routing import Usage, UsageScanner, session_key_of
 
 
 def _scan(*chunks: bytes) -> Usage | None:
@@ -51,3 +51,16 @@ def test_a_stream_without_usage_and_garbage() -> None:
     assert _scan(_event({"choices": [], "usage": None}), b"data: [DONE]\n\n") is None
     assert _scan(b'\xff\xfe"usage": {broken') is None
     assert _scan(b"") is None
+
+
+@pytest.mark.parametrize(("headers", "body", "expected"), [
+    ([(b"X-Session-Id", b" abc ")], {"user": "u1"}, "abc"),
+    ([(b"x-session-id", b"")], {"user": "u1"}, "u1"),
+    ([], {"user": "  "}, None),
+    ([], {"user": 7}, None),
+    ([], ["not", "a", "dict"], None),
+    ([(b"x-session-id", b"k" * 1000)], None, "k" * 256),
+])
+def test_session_key_comes_from_the_header_then_the_body_user(
+        headers: list[tuple[bytes, bytes]], body: object, expected: str | None) -> None:
+    assert session_key_of(headers, body, "x-session-id") == expected
