@@ -231,3 +231,23 @@ async def test_chat_stream_with_two_choices(client: httpx.AsyncClient) -> None:
     no_stream = await client.post("/v1/completions",
                                   json={"prompt": "x", "stream_options": {"include_usage": True}})
     assert no_stream.status_code == 400
+
+
+async def test_reset_prefix_cache_leaves_the_lmcache_tier(
+    client: httpx.AsyncClient, engine: SimEngine
+) -> None:
+    body = {"prompt": words(300), "max_tokens": 1}
+    prompt_len = len(tokenize_prompt(words(300)))
+    chunks = prompt_len // 256
+    assert chunks >= 2
+    await client.post("/v1/completions", json=body)
+    state = (await client.get("/sim/state")).json()
+    assert state["gpu_blocks_cached"] == prompt_len // 16
+    assert state["cpu_tier_chunks"] == chunks
+    assert state["running"] == 0 and state["gpu_blocks_used"] == 0
+    assert (await client.post("/reset_prefix_cache")).status_code == 200
+    assert (await client.get("/sim/state")).json()["gpu_blocks_cached"] == 0
+    hits_before = engine.metrics.prefix_hits
+    again = (await client.post("/v1/completions", json=body)).json()
+    assert engine.metrics.prefix_hits == hits_before  # nothing from the GPU cache
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == min(chunks * 256, prompt_len - 1)
