@@ -408,10 +408,9 @@ class Router:
         return self._hot.placements(self._clock if now is None else now)
 
     def forget_endpoint(self, endpoint_id: str) -> None:
-        """An endpoint restarted or left: it holds nothing, and its learned costs are void."""
+        """An endpoint's engine restarted: its cache is empty (its learned speed still holds)."""
         if self._index is not None:
             self._index.forget(endpoint_id)
-        self._states.pop(endpoint_id, None)
 
     def stats(self) -> RouterStats:
         return RouterStats(

@@ -351,3 +351,18 @@ def test_no_endpoint_decision_reserves_nothing() -> None:
     assert (d.endpoint_id, d.reason, d.reservation) == (None, "no-endpoint", 0)
     router.on_complete(d, None, None)
     assert router.stats().pending == 0
+
+
+def test_a_restarted_endpoint_holds_nothing_but_keeps_its_learned_speed() -> None:
+    router = Router(RoutingConfig(hot_spread=False))
+    fleet = _fleet(2)
+    prompt = _prompt(1, 2048)
+    d = router.decide(fleet, prompt, None, None, now=0.0)
+    router.on_first_byte(d, 1.0)
+    router.on_complete(d, cached_tokens=0, prompt_tokens=2048, now=1.5)
+    learned = {e.endpoint_id: e.samples for e in router.stats().endpoints}
+    assert d.endpoint_id is not None
+    router.forget_endpoint(d.endpoint_id)
+    assert router.index is not None
+    assert router.index.match(prompt) == {}
+    assert {e.endpoint_id: e.samples for e in router.stats().endpoints} == learned
