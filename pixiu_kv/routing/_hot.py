@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
@@ -113,7 +113,7 @@ class HotPrefixes:
             return 0.0
         return min(heat.count * self._decay(heat.since, now) / total, 1.0)
 
-    def replicas(self, key: int, wanted: int, tokens: tuple[int, ...], usable: Callable[[str], bool],
+    def replicas(self, key: int, wanted: int, tokens: Sequence[int], usable: Callable[[str], bool],
                  holders: Iterable[str], by_load: Callable[[], list[str]]) -> list[str]:
         """The engines that serve hot prefix ``key``: kept ones first, then real holders, then
         the least loaded (``by_load()``: usable engines, least loaded first), up to ``wanted``.
@@ -129,7 +129,7 @@ class HotPrefixes:
             if len(self._hot) >= self._max_hot:
                 return []
             self._hot.add(key)
-            heat.tokens = tokens[: heat.length]
+            heat.tokens = tuple(tokens[: heat.length])
         kept = heat.replicas
         if len(kept) >= wanted and all(usable(e) for e in kept[:wanted]):
             return kept[:wanted]

@@ -219,3 +219,15 @@ def test_discard_and_forget() -> None:
     assert index.forget("e2") == len(index.schedule.ends(1024))
     assert index.match(p) == {"e1": 256}
     assert len(index) == len(index.schedule.ends(256))
+
+
+def test_compact_keys_match_like_the_originals() -> None:
+    index = PrefixIndex(max_entries=10_000)
+    prompt = _prompt(1, 1000)
+    keys = index.keys(prompt)
+    compact = keys.compact()
+    assert compact.keys == keys.keys and compact.ends == keys.ends
+    assert list(compact.tokens) == prompt and compact.length == 1000
+    assert compact.compact() is compact
+    index.record("e1", compact)
+    assert index.match(keys) == index.match(prompt) == {"e1": 992}
