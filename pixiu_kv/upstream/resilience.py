@@ -38,6 +38,7 @@ __all__ = [
     "UpstreamUnavailable",
     "call_with_retry",
     "check_status",
+    "is_cancellation",
     "post_json",
 ]
 
@@ -86,6 +87,16 @@ class BreakerOpenError(UpstreamError):
     """The breaker refused the call: nothing was sent."""
 
     breaker_failure = False
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """A trio cancellation, also when it arrives wrapped in exception groups (a nursery
+    inside a library call, e.g. happy-eyeballs connecting, wraps it under strict groups)."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return False
 
 
 # -- circuit breaker -----------------------------------------------------------------------
@@ -244,16 +255,13 @@ async def call_with_retry(
                 with trio.move_on_at(deadline) as scope:
                     result = await op()
                 timed_out = scope.cancelled_caught
-        except trio.Cancelled:
-            (breaker.failure if cancel_is_failure else breaker.release)(permit)
-            raise
         except UpstreamError as exc:
             (breaker.failure if exc.breaker_failure else breaker.success)(permit)
             if not exc.transient:
                 raise
             last = exc
-        except BaseException:
-            breaker.release(permit)
+        except BaseException as exc:
+            (breaker.failure if cancel_is_failure and is_cancellation(exc) else breaker.release)(permit)
             raise
         else:
             if timed_out:

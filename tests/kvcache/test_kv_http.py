@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
+import psutil
 import pytest
 import trio
 from kv_fakes import FakeUpstream, fake_tokens, kv_config, wait_until
@@ -318,20 +320,33 @@ async def test_evict_where_supported(upstream: Upstream) -> None:
 
 
 async def test_cancellations_do_not_leak_pool_connections(upstream: Upstream) -> None:
-    """Requests cancelled at every stage (before connecting, connecting, waiting) leave the
-    one-connection pool usable (httpcore can leak a slot when cancelled while connecting)."""
+    """Requests cancelled at every stage (before connecting, connecting, waiting) leave no
+    connection open and a small pool usable (httpcore can leak a slot when cancelled while
+    connecting), and every cancelled job is counted as cancelled."""
     fake, url = upstream
+    port = int(url.rsplit(":", 1)[1])
     fake.fault["/tokenize"] = "hang"
-    async with open_kvcache(kv_config(url), http_pool_size=1) as kv:
-        for i in range(30):
+    rng = random.Random(5)
+    async with open_kvcache(kv_config(url), http_pool_size=2) as kv:
+        for i in range(20):
             async with trio.open_nursery() as nursery:
-                await kv.route(completion(f"p{i}"), nursery)
-                if i % 3 == 1:
+                for j in range(8):
+                    await kv.route(completion(f"p{i}-{j}"), nursery)
+                for _ in range(rng.randrange(4)):
                     await trio.lowlevel.checkpoint()
-                elif i % 3 == 2:
+                if i % 4 == 3:
                     await fake.wait_for(lambda: _in_flight(fake, "/tokenize"))
                 nursery.cancel_scope.cancel()
+            assert client_sockets_to(port) == 0
+        stats = kv.stats
+        assert stats.background_started == stats.background_cancelled == 160
         fake.fault.clear()
         await request(kv, completion("after"))
         assert kv.stats.tokenize_failures == 0
         assert kv.stats.token_cache_size == 1
+
+
+def client_sockets_to(port: int) -> int:
+    """ESTABLISHED connections of this process to ``port`` (its client side)."""
+    return sum(1 for c in psutil.Process().net_connections(kind="tcp")
+               if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == port)

@@ -18,6 +18,7 @@ from pixiu_kv.upstream.resilience import (
     UpstreamTimeout,
     UpstreamUnavailable,
     call_with_retry,
+    is_cancellation,
 )
 
 
@@ -220,3 +221,33 @@ async def test_state_changes_are_reported(autojump_clock: trio.testing.MockClock
     assert p is not None
     b.success(p)
     assert seen == [BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.CLOSED]
+
+
+async def test_cancellation_wrapped_in_groups_is_recognised() -> None:
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.lowlevel.checkpoint()
+        except trio.Cancelled as exc:
+            cancelled = exc
+        else:
+            raise AssertionError("not cancelled")
+    assert is_cancellation(cancelled)
+    assert is_cancellation(BaseExceptionGroup("g", [cancelled, BaseExceptionGroup("h", [cancelled])]))
+    assert not is_cancellation(BaseExceptionGroup("g", [cancelled, ValueError()]))
+    assert not is_cancellation(ValueError())
+
+
+async def test_routing_cancel_inside_a_group_still_counts_for_its_breaker(
+        autojump_clock: trio.testing.MockClock) -> None:
+    b = breaker(threshold=1)
+
+    async def connect_in_a_nursery() -> str:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+        return "never"
+
+    with trio.move_on_after(0.05):
+        await call_with_retry(connect_in_a_nursery, policy=RetryPolicy(1, 0.1, 1.0), breaker=b,
+                              deadline=trio.current_time() + 0.05, cancel_is_failure=True, bounded=True)
+    assert b.state is BreakerState.OPEN

@@ -12,8 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import trio
-
+from ...upstream.resilience import is_cancellation
 from .stats import KvCacheStats
 
 __all__ = ["BackgroundJobs", "Spawn"]
@@ -59,10 +58,12 @@ class BackgroundJobs:
         stats.background_started += 1
         try:
             await fn(*args)
-        except trio.Cancelled:
-            stats.background_cancelled += 1
-            raise
-        except Exception:
+        except BaseException as exc:
+            if is_cancellation(exc):
+                stats.background_cancelled += 1
+                raise
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt and the like are not ours to swallow
             stats.background_failed += 1
             log.exception("kvcache background job failed")
         else:
