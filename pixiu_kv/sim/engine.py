@@ -20,7 +20,7 @@ from .costmodel import PrefillPlan
 from .cpu_tier import CpuTier
 from .engine_config import EngineConfig
 from .faults import FaultInjector, faults_to_json
-from .lmcache_link import ChunkSink, WorkerControl
+from .lmcache_link import LOCATION, ChunkSink, WorkerControl
 from .metrics import EngineMetrics
 from .openai_api import (
     ApiError,
@@ -109,6 +109,7 @@ class SimEngine:
             "/version": {"GET": self._version},
             "/sim/faults": {"GET": self._get_faults, "POST": self._set_faults},
             "/sim/state": {"GET": self._state},
+            "/sim/reset_caches": {"POST": self._reset_caches},
         }
 
     @property
@@ -412,6 +413,15 @@ class SimEngine:
         except (ValueError, TypeError) as error:
             raise ApiError(400, str(error)) from None
         await _respond(send, 200, _dumps(faults_to_json(self.faults.config)).encode())
+
+    async def _reset_caches(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        """Empty both cache tiers between benchmark runs (the controller is told of the
+        CPU tier's evictions). 409 while requests run: their blocks cannot be dropped."""
+        if not self.prefix_cache.reset():
+            raise ApiError(409, "Requests are running; the GPU prefix cache cannot be reset",
+                           "ConflictError")
+        dropped = self.cpu_tier.clear(LOCATION)
+        await _respond(send, 200, _dumps({"cpu_tier_tokens_dropped": dropped}).encode())
 
     async def _state(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         pc, tier = self.prefix_cache, self.cpu_tier

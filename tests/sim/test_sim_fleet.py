@@ -34,6 +34,23 @@ async def test_controller_lookup_finds_the_engine_that_served_a_prompt() -> None
         assert lookup["layout_info"] == {}
 
 
+async def test_reset_caches_empties_both_tiers_and_the_controller_index() -> None:
+    async with open_fleet(1, CONFIG) as fleet, httpx.AsyncClient(timeout=10) as http:
+        assert fleet.controller_url is not None
+        url = fleet.urls[0]
+        prompt = words(600)
+        await http.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1})
+        tokens = (await http.post(url + "/tokenize", json={"prompt": prompt})).json()["tokens"]
+        lookup = (await http.post(fleet.controller_url + "/lookup", json={"tokens": tokens})).json()
+        assert lookup["layout_info"] != {}
+        reply = await http.post(url + "/sim/reset_caches")
+        assert reply.json() == {"cpu_tier_tokens_dropped": len(tokens) // 256 * 256}
+        lookup = (await http.post(fleet.controller_url + "/lookup", json={"tokens": tokens})).json()
+        assert lookup["layout_info"] == {}
+        again = (await http.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1})).json()
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
 async def test_chunk_sink_factory_receives_exact_keys() -> None:
     sinks: dict[str, RecordingSink] = {}
     controls: dict[str, WorkerControl] = {}
