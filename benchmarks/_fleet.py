@@ -14,13 +14,12 @@ import sys
 from functools import partial
 from typing import Any, cast
 
-import httpx
 import hypercorn.config
 import hypercorn.trio
 import hypercorn.typing
 import trio
 
-from .oracle import OracleProxy, OracleRouter
+from .oracle import OracleApp, OracleRouter
 
 
 def _http11_only() -> None:
@@ -63,36 +62,33 @@ async def _run(settings: dict[str, Any]) -> None:
     config = EngineConfig(**engine_fields)
     count = int(settings.get("engines", 4))
     async with open_fleet(count, config) as fleet:
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
-        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600.0, connect=10.0)) as client:
-            router = OracleRouter([e.engine for e in fleet.engines])
-            proxy = OracleProxy(router, fleet.urls, client)
-            hc = hypercorn.config.Config()
-            hc.bind = ["127.0.0.1:0"]
-            hc.accesslog = None
-            hc.errorlog = None
-            hc.graceful_timeout = 1.0
-            hc.keep_alive_max_requests = 1_000_000
-            hc.read_timeout = None
-            stop = trio.Event()
-            async with trio.open_nursery() as nursery:
-                binds: list[str] = await nursery.start(partial(
-                    hypercorn.trio.serve, cast(hypercorn.typing.ASGIFramework, proxy), hc,
-                    shutdown_trigger=stop.wait))
-                print(json.dumps({
-                    "engines": [{"id": e.instance_id, "url": e.url} for e in fleet.engines],
-                    "controller_url": fleet.controller_url,
-                    "oracle_url": binds[0],
-                    "model": config.model,
-                }), flush=True)
-                async with trio.open_nursery() as waiters:
-                    async def first(fn: Any) -> None:
-                        await fn()
-                        waiters.cancel_scope.cancel()
+        front = OracleApp(OracleRouter([e.engine for e in fleet.engines]))
+        hc = hypercorn.config.Config()
+        hc.bind = ["127.0.0.1:0"]
+        hc.accesslog = None
+        hc.errorlog = None
+        hc.graceful_timeout = 1.0
+        hc.keep_alive_max_requests = 1_000_000
+        hc.read_timeout = None
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            binds: list[str] = await nursery.start(partial(
+                hypercorn.trio.serve, cast(hypercorn.typing.ASGIFramework, front), hc,
+                shutdown_trigger=stop.wait))
+            print(json.dumps({
+                "engines": [{"id": e.instance_id, "url": e.url} for e in fleet.engines],
+                "controller_url": fleet.controller_url,
+                "oracle_url": binds[0],
+                "model": config.model,
+            }), flush=True)
+            async with trio.open_nursery() as waiters:
+                async def first(fn: Any) -> None:
+                    await fn()
+                    waiters.cancel_scope.cancel()
 
-                    waiters.start_soon(first, _stdin_closed)
-                    waiters.start_soon(first, _signalled)
-                stop.set()
+                waiters.start_soon(first, _stdin_closed)
+                waiters.start_soon(first, _signalled)
+            stop.set()
 
 
 def main(argv: list[str]) -> int:

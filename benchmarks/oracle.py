@@ -8,21 +8,30 @@ model, and sends the request to the minimum. It is the upper bound a real router
 sees the cache only through LMCache lookups and its own counters) can approach.
 
 The pure part (:func:`predict_ttft`, :func:`choose`) is separate from the state reading
-(:class:`OracleRouter`) and from the HTTP relay (:class:`OracleProxy`).
+(:class:`OracleRouter`) and from the ASGI front (:class:`OracleApp`) that hands each
+request to the chosen engine's app in-process.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 import attrs
-import httpx
 import trio
 
-__all__ = ["EngineView", "OracleProxy", "OracleRouter", "choose", "predict_ttft"]
+__all__ = [
+    "CostRates",
+    "EngineView",
+    "OracleApp",
+    "OracleRouter",
+    "Ticket",
+    "choose",
+    "predict_ttft",
+    "prefill_seconds",
+]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -71,17 +80,32 @@ def choose(views: Sequence[EngineView], prompt_tokens: int, rates: CostRates) ->
 
 
 class _Pending:
-    """Requests the oracle sent to one engine: their blocks and not-yet-admitted prefill."""
+    """What the oracle sent to one engine and the engine has not yet taken in."""
 
-    __slots__ = ("blocks", "unadmitted_s")
+    __slots__ = ("admitted_seen", "blocks", "queue")
 
     def __init__(self) -> None:
         self.blocks: Counter[int] = Counter()
-        self.unadmitted_s = 0.0
+        """Blocks of requests in flight: cached by the time a later request prefills."""
+        self.queue: deque[tuple[int, float]] = deque()
+        """(prompt tokens, predicted prefill seconds) not yet admitted, in dispatch order."""
+        self.admitted_seen = 0
+
+
+@attrs.frozen
+class Ticket:
+    index: int
+    blocks: tuple[int, ...]
 
 
 class OracleRouter:
-    """Reads in-process ``SimEngine`` objects (pixiu_kv.sim.engine) and picks one per prompt."""
+    """Reads in-process ``SimEngine`` objects (pixiu_kv.sim.engine) and picks one per prompt.
+
+    A request sent to an engine is "unadmitted" until the engine's scheduler plans it; the
+    engine's own counter of planned prompt tokens (``metrics.prefix_queries``) tells how
+    many of the oracle's dispatched requests it has taken in (it admits in arrival order).
+    Their predicted prefill time counts in the engine's backlog until then.
+    """
 
     def __init__(self, engines: Sequence[Any]) -> None:
         if not engines:
@@ -92,27 +116,33 @@ class OracleRouter:
                                config.load_tokens_per_s, config.speed)
         self._pending = [_Pending() for _ in self.engines]
 
-    def prompt_ids(self, path: str, body: dict[str, Any]) -> list[int]:
-        from pixiu_kv.sim.openai_api import parse_chat, parse_completion
+    def _unadmitted_s(self, index: int) -> float:
+        pending = self._pending[index]
+        planned = self.engines[index].metrics.prefix_queries
+        newly = planned - pending.admitted_seen
+        pending.admitted_seen = planned
+        while pending.queue and newly >= pending.queue[0][0]:
+            newly -= pending.queue.popleft()[0]
+        return sum(seconds for _, seconds in pending.queue)
 
-        config = self.engines[0].config
-        parse = parse_chat if path.endswith("chat/completions") else parse_completion
-        return list(parse(body, config).prompt_ids)
-
-    def views(self, prompt_ids: Sequence[int]) -> list[EngineView]:
+    def views(self, tokens: Sequence[int]) -> list[EngineView]:
         from pixiu_kv.sim.lmcache_link import chunk_keys
         from pixiu_kv.sim.prefix_cache import block_hashes
 
         now = trio.current_time()
         out: list[EngineView] = []
-        for engine, pending in zip(self.engines, self._pending, strict=True):
+        keys: list[int] | None = None
+        hashes: list[int] | None = None
+        for index, (engine, pending) in enumerate(zip(self.engines, self._pending, strict=True)):
             cfg = engine.config
-            hashes = block_hashes(prompt_ids, cfg.block_size)
-            cap = max(len(prompt_ids) - 1, 0) // cfg.block_size
+            if hashes is None:
+                hashes = block_hashes(tokens, cfg.block_size)
+            cap = max(len(tokens) - 1, 0) // cfg.block_size
             gpu_blocks = 0
+            refs = engine.prefix_cache._refs
             for h in hashes[:cap]:
                 # Blocks of a request already sent here will be cached by the time ours runs.
-                if h in engine.prefix_cache._refs or pending.blocks[h] > 0:
+                if h in refs or pending.blocks[h] > 0:
                     gpu_blocks += 1
                 else:
                     break
@@ -120,42 +150,39 @@ class OracleRouter:
             cpu_hit = 0
             tier = engine.cpu_tier
             if tier.enabled:
+                if keys is None:
+                    keys = chunk_keys(tokens, cfg.chunk_size)
                 chunks = 0
-                for key in chunk_keys(prompt_ids, cfg.chunk_size):
+                for key in keys:
                     if key not in tier:
                         break
                     chunks += 1
-                tier_tokens = min(chunks * cfg.chunk_size, len(prompt_ids) - 1)
+                tier_tokens = min(chunks * cfg.chunk_size, len(tokens) - 1)
                 cpu_hit = max(0, tier_tokens - gpu_hit)
             scheduler = engine.scheduler
-            backlog = max(0.0, scheduler._prefill_free_at - now) + pending.unadmitted_s
+            backlog = max(0.0, scheduler._prefill_free_at - now) + self._unadmitted_s(index)
             out.append(EngineView(cfg.instance_id, backlog, gpu_hit, cpu_hit, scheduler.running))
         return out
 
-    def pick(self, prompt_ids: Sequence[int]) -> tuple[int, float]:
-        """Chosen engine index and its predicted prefill seconds (reserved until admitted)."""
-        views = self.views(prompt_ids)
-        index = choose(views, len(prompt_ids), self.rates)
-        view = views[index]
-        return index, prefill_seconds(len(prompt_ids), view.gpu_hit_tokens, view.cpu_hit_tokens, self.rates)
-
-    def dispatched(self, index: int, prompt_ids: Sequence[int], prefill_s: float) -> list[int]:
+    def pick(self, tokens: Sequence[int]) -> Ticket:
+        """Choose an engine for ``tokens`` and reserve it until :meth:`done`."""
         from pixiu_kv.sim.prefix_cache import block_hashes
 
-        blocks = block_hashes(prompt_ids, self.engines[index].config.block_size)
+        views = self.views(tokens)
+        index = choose(views, len(tokens), self.rates)
+        view = views[index]
+        seconds = prefill_seconds(len(tokens), view.gpu_hit_tokens, view.cpu_hit_tokens, self.rates)
         pending = self._pending[index]
+        pending.queue.append((len(tokens), seconds))
+        blocks = tuple(block_hashes(tokens, self.engines[index].config.block_size))
         pending.blocks.update(blocks)
-        pending.unadmitted_s += prefill_s
-        return blocks
+        return Ticket(index, blocks)
 
-    def admitted(self, index: int, prefill_s: float) -> None:
-        pending = self._pending[index]
-        pending.unadmitted_s = max(0.0, pending.unadmitted_s - prefill_s)
-
-    def finished(self, index: int, blocks: Sequence[int]) -> None:
-        pending = self._pending[index]
-        pending.blocks.subtract(blocks)
-        for h in set(blocks):
+    def done(self, ticket: Ticket) -> None:
+        """The request's prompt is in the engine's cache (first token) or it failed."""
+        pending = self._pending[ticket.index]
+        pending.blocks.subtract(ticket.blocks)
+        for h in set(ticket.blocks):
             if pending.blocks[h] <= 0:
                 del pending.blocks[h]
 
@@ -175,24 +202,21 @@ async def _respond(send: Send, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _error(status: int, message: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "BadRequestError" if status < 500
-                                 else "ServiceUnavailableError", "param": None, "code": status}}).encode()
+class OracleApp:
+    """Raw ASGI front of the fleet that dispatches in-process to the chosen engine.
 
-
-class OracleProxy:
-    """Raw ASGI relay in front of the engines, choosing with :class:`OracleRouter`.
-
-    Also serves ``GET /fleet/stats`` (per-engine request and token counters, read from the
-    engines) so that targets without attribution headers can be measured.
+    The request is parsed and tokenized as the engine will (the sim tokenizer memoizes, so
+    the engine's own pass is cheap), the oracle picks the engine, and the engine's ASGI app
+    is called with this connection's ``send``: no relay hop, no second HTTP request, and the
+    reply carries ``x-pixiu-kv-endpoint`` / ``x-pixiu-kv-route`` like a gateway's.
+    ``GET /fleet/stats`` gives per-engine request and token counters (for targets that send
+    no endpoint header).
     """
 
     MAX_BODY = 16 * 1024 * 1024
 
-    def __init__(self, router: OracleRouter, urls: Sequence[str], client: httpx.AsyncClient) -> None:
+    def __init__(self, router: OracleRouter) -> None:
         self.router = router
-        self.urls = list(urls)
-        self.client = client
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -210,60 +234,64 @@ class OracleProxy:
             await _respond(send, 200, json.dumps(self.router.stats()).encode())
             return
         if path == "/health":
-            await _respond(send, 200, b"{}")
+            await _respond(send, 200, b"")
             return
         body = bytearray()
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                return
             body += message.get("body", b"")
             if len(body) > self.MAX_BODY:
                 await _respond(send, 413, _error(413, "body too large"))
                 return
             if not message.get("more_body"):
                 break
-        if scope["method"] != "POST" or path not in ("/v1/completions", "/v1/chat/completions"):
-            await self._relay(send, 0, scope["method"], path, bytes(body), None)
-            return
+        ticket: Ticket | None = None
+        index = 0
+        if scope["method"] == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
+            tokens = self._tokens(path, bytes(body))
+            if tokens:
+                ticket = self.router.pick(tokens)
+                index = ticket.index
+        engine = self.router.engines[index]
+        engine_id = engine.config.instance_id.encode()
+        replayed = False
+
+        async def replay() -> MutableMapping[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        async def tagged(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-pixiu-kv-endpoint", engine_id))
+                if ticket is not None:
+                    verdict = b"reason=oracle; hinted=" + engine_id + b"; used=yes"
+                    headers.append((b"x-pixiu-kv-route", verdict))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await engine(scope, replay, tagged)
+        finally:
+            if ticket is not None:
+                self.router.done(ticket)
+
+    def _tokens(self, path: str, body: bytes) -> list[int]:
+        from pixiu_kv.sim.openai_api import parse_chat, parse_completion
+
         try:
             data = json.loads(body)
-            prompt_ids = self.router.prompt_ids(path, data)
-        except Exception as exc:  # the engine would reject it the same way: let it answer
-            del exc
-            await self._relay(send, 0, "POST", path, bytes(body), None)
-            return
-        index, prefill_s = self.router.pick(prompt_ids)
-        blocks = self.router.dispatched(index, prompt_ids, prefill_s)
-        try:
-            await self._relay(send, index, "POST", path, bytes(body), prefill_s)
-        finally:
-            self.router.finished(index, blocks)
+            parse = parse_chat if path.endswith("chat/completions") else parse_completion
+            return list(parse(data, self.router.engines[0].config).prompt_ids)
+        except Exception:  # the engine will reject it the same way and answer the client
+            return []
 
-    async def _relay(self, send: Send, index: int, method: str, path: str, body: bytes,
-                     prefill_s: float | None) -> None:
-        admitted = prefill_s is None
-        started = False
-        try:
-            async with self.client.stream(method, self.urls[index] + path, content=body,
-                                          headers={"content-type": "application/json"}) as resp:
-                if not admitted:
-                    # The engine answers headers as it takes the request into its scheduler.
-                    self.router.admitted(index, prefill_s or 0.0)
-                    admitted = True
-                headers = [(k.encode(), v.encode()) for k, v in resp.headers.items()
-                           if k.lower() not in ("content-length", "transfer-encoding", "connection")]
-                engine_id = self.router.engines[index].config.instance_id.encode()
-                headers.append((b"x-pixiu-kv-endpoint", engine_id))
-                headers.append((b"x-pixiu-kv-route", b"reason=oracle; used=yes; hinted=" + engine_id))
-                await send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
-                started = True
-                async for chunk in resp.aiter_raw():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except httpx.HTTPError as exc:
-            if started:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            else:
-                await _respond(send, 502, _error(502, f"engine unreachable: {type(exc).__name__}"))
-        finally:
-            if not admitted:
-                self.router.admitted(index, prefill_s or 0.0)
+
+def _error(status: int, message: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": "BadRequestError" if status < 500
+                                 else "ServiceUnavailableError", "param": None, "code": status}}).encode()
