@@ -293,28 +293,30 @@ def check_status(status: int, path: str) -> None:
 
 
 async def post_json(client: httpx.AsyncClient, path: str, body: bytes, *, max_reply_bytes: int) -> Any:
-    """POST a JSON body, return the decoded JSON reply; failures mapped to the classes above.
+    """POST a JSON body with httpx, return the decoded JSON reply; failures mapped to the
+    classes above.
 
-    The reply is read in a stream and refused beyond ``max_reply_bytes``; leaving the
-    ``async with`` (also by cancellation) closes the response, so no connection leaks.
+    A reply whose Content-Length exceeds ``max_reply_bytes`` is refused unread; one without
+    a length is read, then refused. (Breaking out of httpx's body iterator would leave its
+    async generators unfinished, which trio reports.) Leaving the ``async with``, also by
+    cancellation, closes the response, so no connection leaks.
     """
     try:
         async with client.stream("POST", path, content=body,
                                  headers={"content-type": "application/json"}) as response:
             status = response.status_code
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > max_reply_bytes:
-                    raise MalformedReply(f"POST {path}: reply larger than {max_reply_bytes} bytes")
-                chunks.append(chunk)
+            length = response.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > max_reply_bytes:
+                raise MalformedReply(f"POST {path}: reply larger than {max_reply_bytes} bytes")
+            content = await response.aread()
     except httpx.TimeoutException as exc:
         raise UpstreamUnavailable(f"POST {path}: {type(exc).__name__}") from None
     except httpx.TransportError as exc:
         raise UpstreamUnavailable(f"POST {path}: {type(exc).__name__}: {exc}") from None
+    if len(content) > max_reply_bytes:
+        raise MalformedReply(f"POST {path}: reply larger than {max_reply_bytes} bytes")
     check_status(status, path)
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(content)
     except ValueError:
         raise MalformedReply(f"POST {path}: reply is not JSON") from None

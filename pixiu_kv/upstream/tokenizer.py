@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
-import httpx
 
-from .resilience import CircuitBreaker, MalformedReply, RetryPolicy, call_with_retry, post_json
+from .lmcache import JsonPost
+from .resilience import CircuitBreaker, MalformedReply, RetryPolicy, call_with_retry
 
-__all__ = ["TokenizeResult", "TokenizerClient", "parse_tokenize_reply"]
+__all__ = ["MAX_REPLY_BYTES", "TokenizeResult", "TokenizerClient", "parse_tokenize_reply"]
 
 MAX_REPLY_BYTES = 32 * 1024 * 1024
 
@@ -41,10 +41,10 @@ def parse_tokenize_reply(reply: object) -> TokenizeResult:
 
 
 class TokenizerClient:
-    __slots__ = ("_breaker", "_client", "_policy")
+    __slots__ = ("_breaker", "_policy", "_post")
 
-    def __init__(self, client: httpx.AsyncClient, policy: RetryPolicy, breaker: CircuitBreaker) -> None:
-        self._client = client
+    def __init__(self, post: JsonPost, policy: RetryPolicy, breaker: CircuitBreaker) -> None:
+        self._post = post
         self._policy = policy
         self._breaker = breaker
 
@@ -56,7 +56,6 @@ class TokenizerClient:
         encoded = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
         async def attempt() -> TokenizeResult:
-            return parse_tokenize_reply(await post_json(self._client, "/tokenize", encoded,
-                                                        max_reply_bytes=MAX_REPLY_BYTES))
+            return parse_tokenize_reply(await self._post("/tokenize", encoded))
 
         return await call_with_retry(attempt, policy=self._policy, breaker=self._breaker, deadline=deadline)

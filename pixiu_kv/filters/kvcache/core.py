@@ -15,32 +15,31 @@ is bounded by ``request_timeout``; cancelling the spawning scope cancels them at
 
 from __future__ import annotations
 
-import functools
 import logging
-import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import trio
 
 from ...config import KvCacheConfig
 from ...context import RouteHint
 from ...hostload import HostLoad, HostLoadSampler
-from ...upstream.lmcache import MAX_REPLY_BYTES, JsonPost, LmCacheClient, LookupResult, httpx_post
+from ...upstream.lmcache import MAX_REPLY_BYTES as LMCACHE_MAX_REPLY_BYTES
+from ...upstream.lmcache import LmCacheClient, LookupResult
 from ...upstream.resilience import BreakerState, CircuitBreaker, RetryPolicy, UpstreamError
+from ...upstream.tokenizer import MAX_REPLY_BYTES as TOKENIZE_MAX_REPLY_BYTES
 from ...upstream.tokenizer import TokenizerClient
 from .actions import ActionRunner, RecentActions
 from .background import BackgroundJobs, Spawn
 from .hotness import HotnessTracker
-from .http11 import Http11Pool
 from .prompt import Prompt, extract_prompt
 from .routing import Router, Routing
 from .singleflight import SingleFlight
 from .stats import KvCacheStats
 from .strategy import decide
 from .tokens import TokenCache, TokenSeq
+from .transports import Transports
 
 __all__ = ["DEFAULT_HTTP_POOL_SIZE", "KvCache", "open_kvcache"]
 
@@ -194,19 +193,6 @@ def _on_breaker_change(breaker: CircuitBreaker, state: BreakerState) -> None:
     log.log(level, "kvcache: %s circuit breaker is now %s", breaker.name, state.value)
 
 
-def _client(base_url: str, timeout: float, pool_size: int, tls: Callable[[], ssl.SSLContext]
-            ) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        base_url=base_url,
-        timeout=httpx.Timeout(timeout),
-        limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
-        follow_redirects=False,
-        trust_env=False,
-        # Loading the CA bundle costs tens of ms per client: only for https, and only once.
-        verify=tls() if base_url.startswith("https:") else False,
-    )
-
-
 @asynccontextmanager
 async def open_kvcache_core(config: KvCacheConfig, nursery: trio.Nursery, *,
                             http_pool_size: int = DEFAULT_HTTP_POOL_SIZE,
@@ -223,32 +209,20 @@ async def open_kvcache_core(config: KvCacheConfig, nursery: trio.Nursery, *,
                               on_change=_on_breaker_change)
 
     policy = RetryPolicy(config.retry.max_attempts, config.retry.base_backoff, config.retry.max_backoff)
-    tls = functools.cache(httpx.create_ssl_context)
-    clients = [
-        _client(config.vllm_endpoint, config.request_timeout, http_pool_size, tls),
-        _client(config.lmcache_endpoint, config.request_timeout, http_pool_size, tls),
-    ]
-    # Routing gets its own pool, so background work never makes it wait for a connection;
-    # over plain http it is the lean client (the hot path's CPU budget is a fraction of httpx's).
-    routing_pool: Http11Pool | None = None
-    routing_post: JsonPost
-    if config.lmcache_endpoint.startswith("http:"):
-        routing_pool = Http11Pool(config.lmcache_endpoint, max_connections=http_pool_size,
-                                  max_reply_bytes=MAX_REPLY_BYTES)
-        routing_post = routing_pool.post_json
-    else:
-        routing_client = _client(config.lmcache_endpoint, config.request_timeout, http_pool_size, tls)
-        clients.append(routing_client)
-        routing_post = httpx_post(routing_client)
+    transports = Transports(http_pool_size, config.request_timeout)
+    tokenize_post = transports.post(config.vllm_endpoint, TOKENIZE_MAX_REPLY_BYTES)
+    # Routing gets its own pool, so background work never makes it wait for a connection.
+    routing_post = transports.post(config.lmcache_endpoint, LMCACHE_MAX_REPLY_BYTES)
+    background_post = transports.post(config.lmcache_endpoint, LMCACHE_MAX_REPLY_BYTES)
     strategy = config.cache_strategy
     needs_load = ((strategy.enable_compression and strategy.load_threshold > 0)
                   or (strategy.enable_eviction and strategy.memory_threshold > 0))
     sampler = HostLoadSampler(config.load_sample_interval, read_host_load) if needs_load else None
     kv = KvCache(
         config,
-        tokenizer=TokenizerClient(clients[0], policy, breaker("tokenize")),
+        tokenizer=TokenizerClient(tokenize_post, policy, breaker("tokenize")),
         routing_client=LmCacheClient(routing_post, policy),
-        background_client=LmCacheClient(httpx_post(clients[1]), policy),
+        background_client=LmCacheClient(background_post, policy),
         routing_breaker=breaker("lookup_routing"),
         background_breaker=breaker("lmcache_background"),
         sampler=sampler,
@@ -260,11 +234,8 @@ async def open_kvcache_core(config: KvCacheConfig, nursery: trio.Nursery, *,
         yield kv
     finally:
         sampler_scope.cancel()
-        if routing_pool is not None:
-            routing_pool.close()
         with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
-            for client in clients:
-                await client.aclose()
+            await transports.aclose()
 
 
 async def _run_sampler(sampler: HostLoadSampler, scope: trio.CancelScope, *,
