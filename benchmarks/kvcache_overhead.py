@@ -60,8 +60,10 @@ def _fake_upstream(delay: float, prompt_tokens: int) -> Any:
             reply = lookup_reply
         else:
             reply = tokenize_reply
+        # Like the real controller (FastAPI): a JSON reply with its length.
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json")]})
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", b"%d" % len(reply))]})
         await send({"type": "http.response.body", "body": reply})
 
     return app

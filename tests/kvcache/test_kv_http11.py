@@ -152,6 +152,7 @@ async def test_stale_keep_alive_connection_is_retried_on_a_fresh_one(nursery: tr
     (b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n", MalformedReply),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", MalformedReply),
     (with_length("x" * 2000), MalformedReply),
+    (b"HTTP/1.1 204 No Content\r\n\r\n", MalformedReply),  # keep-alive, no body: not an answer
 ])
 async def test_failures_are_classified(nursery: trio.Nursery, reply: bytes, error: type[Exception]) -> None:
     server = RawServer(lambda _: reply)

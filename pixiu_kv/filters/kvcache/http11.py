@@ -198,6 +198,8 @@ class Http11Pool:
                 chunked = "chunked" in value.lower()
             elif name == "connection":
                 keep = value.lower() == "keep-alive" or (keep and value.lower() != "close")
+        if status < 200 or status in (204, 304):
+            return status, b"", keep  # no body by definition (we never ask for 100-continue)
         if chunked:
             return status, await self._read_chunked(conn), keep
         if length is not None:
