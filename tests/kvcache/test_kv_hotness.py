@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import trio
+import trio.testing
+
 from pixiu_kv.filters.kvcache import HotnessTracker
 
 
@@ -27,3 +30,14 @@ def test_keys_are_an_lru() -> None:
     assert len(hot) == 2
     assert hot.count("b", 2.0) == 0
     assert hot.count("a", 2.0) == 2 and hot.count("c", 2.0) == 1
+
+
+async def test_window_slides_on_the_trio_clock(autojump_clock: trio.testing.MockClock) -> None:
+    hot = HotnessTracker(window=300.0, max_records=300, max_keys=10)
+    for _ in range(5):
+        hot.record("k", trio.current_time())
+        await trio.sleep(60.0)
+    # Accesses at t0, +60, ... +240; now it is t0 + 300: the first one left the window.
+    assert hot.count("k", trio.current_time()) == 4
+    await trio.sleep(240.0)
+    assert hot.count("k", trio.current_time()) == 0

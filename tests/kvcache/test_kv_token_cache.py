@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+import trio
+import trio.testing
 
 from pixiu_kv.filters.kvcache import TokenCache, TokenSeq
 
@@ -79,3 +81,12 @@ def test_invalid_bounds_rejected() -> None:
         TokenCache(max_size=0, ttl=1.0)
     with pytest.raises(ValueError):
         TokenCache(max_size=1, ttl=-1.0)
+
+
+async def test_ttl_on_the_trio_clock(autojump_clock: trio.testing.MockClock) -> None:
+    cache = TokenCache(max_size=10, ttl=600.0)
+    cache.put("a", seq(1), trio.current_time())
+    await trio.sleep(599.0)
+    assert cache.get("a", trio.current_time()) == seq(1)  # reading does not extend the TTL
+    await trio.sleep(1.0)
+    assert cache.get("a", trio.current_time()) is None and len(cache) == 0
