@@ -166,3 +166,29 @@ async def test_client_disconnect_cancels_background_tokenize(upstream: tuple[Fak
                 nursery.cancel_scope.cancel()  # the client goes away
             await fake.wait_for(lambda: fake.aborted["/tokenize"] == 1)
             await wait_until(lambda: kv_filter.kv.stats.background_cancelled == 1)
+
+
+async def test_lmcache_down_costs_requests_nothing_but_the_hint() -> None:
+    """With the controller unreachable every request is still served; once the breakers
+    are open the filter does not even try."""
+    with trio.socket.socket() as s:
+        await s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    async with open_fleet(2, EngineConfig(speed=100.0)) as fleet:
+        config = config_for(Fleet(fleet.engines, controller_url=dead),
+                            "[http_filters.config.circuit_breaker]\nfailure_threshold = 1\n"
+                            'recovery_timeout = "10m"')
+        async with open_gateway(config) as gw, \
+                httpx.AsyncClient(base_url=gw.url, timeout=httpx.Timeout(30.0)) as http:
+            runtime = gw.app.runtime
+            assert runtime is not None
+            kv_filter = runtime.decode_filters[0]
+            assert isinstance(kv_filter, KvCacheFilter)
+            reasons = []
+            for n in range(1, 6):
+                _, route, _ = await complete(http, LONG)
+                reasons.append(route.split(";")[0])
+                await settle(kv_filter, n)
+            assert reasons[0] == "reason=no_tokens"
+            assert reasons[2:] == ["reason=breaker_open"] * 3
+            assert kv_filter.kv.stats.breakers["lookup_routing"] == "open"
