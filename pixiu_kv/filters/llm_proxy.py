@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
-from typing import Final, cast
+from collections.abc import Callable, Mapping
+from typing import Final
 
 import attrs
 import trio
@@ -26,7 +26,7 @@ from ..cluster import Cluster, Endpoint, PickFailure, attempts_allowed, backoff_
 from ..config import LlmProxyConfig
 from ..context import RequestContext
 from ..errors import GatewayError, error_body
-from ..upstream.engine import CONNECT_ERRORS, TRANSPORT_ERRORS, EngineClients
+from ..upstream.engine import EngineClients, UpstreamConnectError, UpstreamError, UpstreamResponse
 
 __all__ = [
     "ATTEMPTS_KEY",
@@ -40,7 +40,6 @@ __all__ = [
 RETRYABLE_STATUS: Final = frozenset({429, 502, 503, 504})
 # A failed attempt's body is kept (to pass it on if nothing better comes) up to this size.
 ERROR_BODY_LIMIT: Final = 64 * 1024
-CLOSE_DEADLINE: Final = 1.0
 # Keys this filter writes into ``ctx.values`` for the access log.
 ENDPOINT_KEY: Final = "proxy.endpoint"
 ATTEMPTS_KEY: Final = "proxy.attempts"
@@ -141,28 +140,19 @@ class LlmProxyFilter:
 
     async def _attempt(self, ctx: RequestContext, cluster: Cluster, endpoint: Endpoint,
                        send: ASGISend) -> _Outcome:
-        clients = self._clients
         target = ctx.path.encode("latin-1") + (b"?" + ctx.query_string if ctx.query_string else b"")
         headers = request_headers_for_upstream(ctx.headers, request_id=ctx.request_id,
                                                api_key=endpoint.config.api_key)
-        request = clients.request(endpoint, ctx.method, target, headers, ctx.body)
-        pool = clients.pool(endpoint.id)
         started = False
-        # One scope carries every upstream deadline: first byte until the headers arrive,
-        # then the idle gap before each chunk. A client disconnect cancels an outer scope.
+        response: UpstreamResponse | None = None
+        # One scope carries every upstream deadline: first byte until the response head
+        # arrives, then the idle gap before each chunk. A client disconnect cancels an outer
+        # scope; either way the ``finally`` closes the upstream connection without awaiting.
         with trio.CancelScope(deadline=self._clock() + self.config.first_byte_timeout) as scope:
             try:
-                response = await pool.handle_async_request(request)
-            except CONNECT_ERRORS as exc:
-                # Passive health: an engine that refuses connections counts as failing checks.
-                cluster.record_connect_failure(endpoint)
-                return _Unreachable(endpoint.id, type(exc).__name__)
-            except TRANSPORT_ERRORS as exc:
-                return _Unreachable(endpoint.id, type(exc).__name__)
-            chunks = cast(AsyncIterable[bytes], response.stream).__aiter__()
-            try:
+                response = await self._clients.send(endpoint, ctx.method, target, headers, ctx.body)
                 if response.status in RETRYABLE_STATUS:
-                    body = await _read_bounded(chunks, ERROR_BODY_LIMIT)
+                    body = await _read_bounded(response, ERROR_BODY_LIMIT)
                     return _Answered(endpoint.id, response.status, response.headers, body)
                 ctx.values[TTFB_KEY] = self._clock() - ctx.started_at
                 ctx.values[ENDPOINT_KEY] = endpoint.id
@@ -178,29 +168,28 @@ class LlmProxyFilter:
                 idle = self.config.idle_timeout
                 while True:
                     scope.deadline = self._clock() + idle
-                    try:
-                        chunk = await chunks.__anext__()
-                    except StopAsyncIteration:
+                    chunk = await response.next_chunk()
+                    if chunk is None:
                         break
                     if chunk:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 scope.deadline = math.inf
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return _DONE
-            except TRANSPORT_ERRORS as exc:
-                if not started:
-                    return _Unreachable(endpoint.id, type(exc).__name__)
+            except UpstreamConnectError as exc:
+                # Passive health: an engine that refuses connections counts as failing checks.
+                cluster.record_connect_failure(endpoint)
+                return _Unreachable(endpoint.id, str(exc))
+            except UpstreamError as exc:
+                if response is None or not started:
+                    return _Unreachable(endpoint.id, str(exc))
                 await _end_cut_stream(response.headers, send, f"endpoint {endpoint.id} failed mid-stream")
                 return _DONE
             finally:
-                # Always release the connection, even while being cancelled: shielded, bounded.
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_DEADLINE):
-                    close = getattr(chunks, "aclose", None)
-                    if close is not None:
-                        await close()
-                    await response.aclose()
+                if response is not None:
+                    response.close()
         # The scope's own deadline fired.
-        if not started:
+        if not started or response is None:
             return _TIMED_OUT
         await _end_cut_stream(response.headers, send, f"endpoint {endpoint.id} went idle for "
                               f"{self.config.idle_timeout:g}s mid-stream")
@@ -246,12 +235,13 @@ def _route_header(ctx: RequestContext, endpoint: Endpoint) -> tuple[tuple[bytes,
     return ((b"x-pixiu-kv-route", "; ".join(parts).encode("latin-1", "replace")),)
 
 
-async def _read_bounded(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+async def _read_bounded(response: UpstreamResponse, limit: int) -> bytes:
     body = bytearray()
-    async for chunk in chunks:
-        body += chunk[: limit - len(body)]
-        if len(body) >= limit:
+    while len(body) < limit:
+        chunk = await response.next_chunk()
+        if chunk is None:
             break
+        body += chunk[: limit - len(body)]
     return bytes(body)
 
 

@@ -1,19 +1,21 @@
-"""HTTP clients to the engines: one connection pool per endpoint.
+"""HTTP clients to the engines: one keep-alive connection pool per endpoint.
 
-The request path uses httpcore's pool directly (the transport under httpx): the httpx layer
-above it (URL and header models, auth and redirect machinery, a cookie jar) cost about 15% of
-the gateway's CPU per request and a proxy needs none of it. Health checks and ``/v1/models``
-use an httpx client.
+The request path uses :mod:`pixiu_kv.upstream._h11_pool`, a lean HTTP/1.1 client: the proxy
+spends its CPU in the two HTTP hops, and httpx (and even httpcore's pool under it) cost
+two to three times more CPU per request than a client that sends a request in one write
+and carries no model, tracing or generator layers (numbers in ``docs/architecture.md``).
+Health checks and ``/v1/models`` use an httpx client; they are off the hot path.
 
-Timeouts are set deliberately, because httpx's defaults (5 s for everything, 20 kept-alive
-connections) cut slow first tokens and churn connections under load:
+Timeouts are set deliberately, because general-purpose defaults (httpx: 5 s for everything,
+20 kept-alive connections) cut slow first tokens and churn connections under load:
 
-* connect: ``llm_proxy.connect_timeout`` (also bounds waiting for a pool slot, which the
-  per-endpoint in-flight cap makes rare);
+* connect: ``llm_proxy.connect_timeout``;
+* writing the request: ``llm_proxy.idle_timeout``;
 * first byte and idle gaps between chunks: enforced by the proxy with trio cancel scopes
-  (``first_byte_timeout`` until the response headers, ``idle_timeout`` between chunks), so the
-  client's own read timeout is off and a long healthy stream is never cut;
-* pool: ``max_connections_per_endpoint`` connections, all of them kept alive.
+  (``first_byte_timeout`` until the response head, ``idle_timeout`` between chunks), so a
+  long healthy stream is never cut;
+* pool: up to ``max_connections_per_endpoint`` connections kept alive; the endpoint's
+  in-flight cap never exceeds it, so a request never waits for a connection.
 """
 
 from __future__ import annotations
@@ -26,25 +28,27 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from urllib.parse import urlsplit
 
 import attrs
-import httpcore
 import httpx
 import trio
 
 from ..cluster import Endpoint
 from ..config import LlmProxyConfig
+from ._h11_pool import EngineConnectionPool, UpstreamConnectError, UpstreamError, UpstreamResponse
 
-__all__ = ["CONNECT_ERRORS", "TRANSPORT_ERRORS", "EngineClients", "open_engine_clients", "probe_health"]
-
-# Failures to reach an engine at all (passive health signals).
-CONNECT_ERRORS = (httpcore.ConnectError, httpcore.ConnectTimeout, httpcore.PoolTimeout)
-# Every failure of the transport (connection lost, protocol violation, timeout).
-TRANSPORT_ERRORS = (httpcore.NetworkError, httpcore.ProtocolError, httpcore.TimeoutException)
+__all__ = [
+    "EngineClients",
+    "EngineConnectionPool",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamResponse",
+    "open_engine_clients",
+    "probe_health",
+]
 
 
 @attrs.frozen
 class _Origin:
-    scheme: bytes
-    host: bytes
+    host: str
     port: int
     host_header: bytes
     base_path: bytes
@@ -52,10 +56,9 @@ class _Origin:
     @classmethod
     def of(cls, address: str) -> _Origin:
         parts = urlsplit(address)
-        scheme = parts.scheme.encode()
-        port = parts.port or (443 if scheme == b"https" else 80)
-        return cls(scheme, (parts.hostname or "").encode("idna"), port,
-                   parts.netloc.rsplit("@", 1)[-1].encode("idna"), parts.path.rstrip("/").encode())
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(parts.hostname or "", port, parts.netloc.rsplit("@", 1)[-1].encode("idna"),
+                   parts.path.rstrip("/").encode())
 
 
 def _no_cookies() -> http.cookiejar.CookieJar:
@@ -97,36 +100,26 @@ def _client(config: LlmProxyConfig, pool_size: int, tls: ssl.SSLContext) -> http
 class EngineClients:
     """The connection pools, keyed by endpoint id. Owned by the gateway's lifespan."""
 
-    __slots__ = ("_extensions", "_origins", "_pools", "config", "health")
+    __slots__ = ("_base_paths", "_pools", "config", "health")
 
-    def __init__(self, config: LlmProxyConfig, pools: dict[str, httpcore.AsyncConnectionPool],
-                 health: httpx.AsyncClient) -> None:
+    def __init__(self, config: LlmProxyConfig, pools: dict[str, EngineConnectionPool],
+                 base_paths: dict[str, bytes], health: httpx.AsyncClient) -> None:
         self.config = config
         self._pools = pools
-        self._origins: dict[str, _Origin] = {}
-        # Read timeout off: the proxy enforces first-byte and idle deadlines itself.
-        self._extensions = {"timeout": {"connect": config.connect_timeout, "pool": config.connect_timeout,
-                                        "write": config.idle_timeout, "read": None}}
+        self._base_paths = base_paths
         # Health checks use their own small pool: a pool full of long streams must not make
         # a healthy engine's checks wait for a slot and fail.
         self.health = health
 
-    def pool(self, endpoint_id: str) -> httpcore.AsyncConnectionPool:
+    def pool(self, endpoint_id: str) -> EngineConnectionPool:
         return self._pools[endpoint_id]
 
-    def request(self, endpoint: Endpoint, method: str, target: bytes,
-                headers: list[tuple[bytes, bytes]], body: bytes) -> httpcore.Request:
-        """The upstream request, with exactly the given headers plus Host and Content-Length."""
-        origin = self._origins.get(endpoint.id)
-        if origin is None:
-            origin = self._origins[endpoint.id] = _Origin.of(endpoint.config.address)
-        headers = [(b"host", origin.host_header), *headers]
-        if body or method not in ("GET", "HEAD"):
-            headers.append((b"content-length", str(len(body)).encode()))
-        url = httpcore.URL(scheme=origin.scheme, host=origin.host, port=origin.port,
-                           target=origin.base_path + target)
-        return httpcore.Request(method.encode(), url, headers=headers, content=body,
-                                extensions=self._extensions)
+    async def send(self, endpoint: Endpoint, method: str, target: bytes,
+                   headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
+        """Send a request to ``endpoint`` (its address's path prefixed to ``target``)."""
+        endpoint_id = endpoint.config.id
+        return await self._pools[endpoint_id].send(method.encode("ascii"),
+                                                   self._base_paths[endpoint_id] + target, headers, body)
 
 
 @asynccontextmanager
@@ -134,16 +127,23 @@ async def open_engine_clients(config: LlmProxyConfig,
                               endpoints: Iterable[Endpoint]) -> AsyncIterator[EngineClients]:
     """One pool per endpoint, sized to the endpoint's in-flight cap; all closed on exit."""
     async with AsyncExitStack() as stack:
-        pools: dict[str, httpcore.AsyncConnectionPool] = {}
+        pools: dict[str, EngineConnectionPool] = {}
+        base_paths: dict[str, bytes] = {}
         endpoints = list(endpoints)
         tls = _tls_context(endpoints)
         for endpoint in endpoints:
-            size = min(endpoint.max_in_flight, config.max_connections_per_endpoint)
-            pools[endpoint.id] = await stack.enter_async_context(httpcore.AsyncConnectionPool(
-                ssl_context=tls, max_connections=size, max_keepalive_connections=size,
-                keepalive_expiry=config.keepalive_expiry, http1=True, http2=False, retries=0))
+            origin = _Origin.of(endpoint.config.address)
+            pool = EngineConnectionPool(
+                origin.host, origin.port, host_header=origin.host_header,
+                connect_timeout=config.connect_timeout, write_timeout=config.idle_timeout,
+                keepalive_expiry=config.keepalive_expiry,
+                max_idle=min(endpoint.max_in_flight, config.max_connections_per_endpoint),
+                tls=tls if endpoint.config.address.startswith("https:") else None)
+            stack.callback(pool.close)
+            pools[endpoint.id] = pool
+            base_paths[endpoint.id] = origin.base_path
         health = await stack.enter_async_context(_client(config, max(1, len(endpoints)), tls))
-        yield EngineClients(config, pools, health)
+        yield EngineClients(config, pools, base_paths, health)
 
 
 async def probe_health(client: httpx.AsyncClient, url: str, within: float) -> bool:

@@ -17,11 +17,12 @@ from hypercorn.trio import serve as hypercorn_serve
 async def start_engine(nursery: trio.Nursery) -> AsyncIterator[EngineFactory]:
     engines: list[FakeEngine] = []
 
-    async def start(name: str = "e1", **kwargs: Any) -> FakeEngine:
+    async def start(name: str = "e1", *, keep_alive_timeout: float = 5.0, **kwargs: Any) -> FakeEngine:
         engine = FakeEngine(name, **kwargs)
         cfg = HypercornConfig()
         cfg.bind = ["127.0.0.1:0"]
         cfg.graceful_timeout = 0.5
+        cfg.keep_alive_timeout = keep_alive_timeout
         cfg.accesslog = None
         binds = await nursery.start(partial(hypercorn_serve, engine, cfg,  # type: ignore[arg-type]
                                             shutdown_trigger=engine.stop.wait))

@@ -28,8 +28,8 @@ class FakeEngine:
 
     ``hang-headers`` (never answers), ``hang-body`` (headers, then nothing),
     ``endless`` (an SSE event every few ms until the client leaves), ``status-<code>``,
-    ``die-mid-stream`` (two events, then the connection breaks), ``slow-<seconds>`` (a pause
-    after each event).
+    ``close`` (answers with ``Connection: close``), ``die-mid-stream`` (two events, then the
+    connection breaks), ``slow-<seconds>`` (a pause after each event).
     Engine-wide: ``fail_next`` answers 503 that many times; ``healthy`` drives /health.
     """
 
@@ -97,7 +97,7 @@ class FakeEngine:
             await _reply(send, 200 if self.healthy else 503, b"")
             return
         self.requests.append({"path": path, "headers": headers, "body": body,
-                              "query": scope["query_string"]})
+                              "query": scope["query_string"], "client_port": scope["client"][1]})
         if path == "/v1/models":
             await _reply_json(send, 200, {"object": "list", "data": [
                 {"id": m, "object": "model", "created": 0, "owned_by": "vllm", "root": m,
@@ -107,6 +107,13 @@ class FakeEngine:
         if self.fail_next > 0:
             self.fail_next -= 1
             await _reply_json(send, self.fail_status, _error(f"{self.name} overloaded", self.fail_status))
+            return
+        if mode == "close":
+            body = json.dumps({"id": "x", "object": "text_completion", "choices": []}).encode()
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
             return
         if mode.startswith("status-"):
             code = int(mode.removeprefix("status-"))
