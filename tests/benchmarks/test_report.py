@@ -31,6 +31,8 @@ def test_summary_has_one_ratio_line_per_target_against_round_robin() -> None:
     assert "TTFT p90 0.25x" in text and "throughput 2.00x" in text
     assert "sglang: unavailable: smg is not installed" in text
     assert "python -m benchmarks --quick" in text
+    assert "--mode closed" not in text  # the open-loop note appears only for open-loop runs
+    assert "--mode closed" in render_summary(records, command="c", settings={"mode": "open"})
 
 
 def test_goal_verdicts() -> None:
