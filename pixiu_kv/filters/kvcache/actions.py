@@ -68,6 +68,26 @@ class ActionRunner:
         # None until the controller has shown whether it has /evict.
         self.evict_supported: bool | None = None
 
+    def pending(self, actions: tuple[Action, ...], key: str, now: float) -> tuple[Action, ...]:
+        """The actions that need a call: a recent pin/compress, or an eviction the controller
+        cannot do (and no /clear fallback), is counted here and dropped."""
+        if not actions:
+            return actions
+        self._recent.sweep(now)
+        needed: list[Action] = []
+        for action in actions:
+            if action.kind == "evict":
+                skip: ActionOutcome | None = (
+                    "unsupported" if self.evict_supported is False
+                    and not self._strategy.evict_fallback_to_clear else None)
+            else:
+                skip = "recent" if (action.kind, action.instance_id, key) in self._recent else None
+            if skip is None:
+                needed.append(action)
+            else:
+                self._stats.actions[action.kind][skip] += 1
+        return tuple(needed)
+
     async def run(self, action: Action, tokens: TokenSeq, key: str, now: float,
                   deadline: float) -> ActionOutcome:
         outcome = await self._run(action, tokens, key, now, deadline)

@@ -37,7 +37,7 @@ from .prompt import Prompt, extract_prompt
 from .routing import Router, Routing
 from .singleflight import SingleFlight
 from .stats import KvCacheStats
-from .strategy import decide
+from .strategy import Action, decide
 from .tokens import TokenCache, TokenSeq
 from .transports import Transports
 
@@ -119,10 +119,11 @@ class KvCache:
             return None
         hot_count = self._hotness.record(prompt.key, trio.current_time())
         routing = await self._router.route(prompt)
+        actions: tuple[Action, ...] | None = None
         if routing.tokens is not None:
             if routing.lookup is not None:
-                # Everything the decision needs is known: decide now, spawn only for actions.
-                actions = decide(self.config.cache_strategy, self.host_load, hot_count, routing.lookup)
+                # Everything the decision needs is known: decide now, spawn only for calls.
+                actions = self._pending_actions(prompt, hot_count, routing.lookup)
                 if not actions:
                     self._stats.background_skipped += 1
                     return routing.hint
@@ -130,12 +131,19 @@ class KvCache:
                 # Tokens known and LMCache known down: a lookup or an action could not be sent.
                 self._stats.background_skipped += 1
                 return routing.hint
-        await self._jobs.start(spawn, self._manage, prompt, hot_count, routing)
+        await self._jobs.start(spawn, self._manage, prompt, hot_count, routing, actions)
         return routing.hint
+
+    def _pending_actions(self, prompt: Prompt, hot_count: int,
+                         lookup: LookupResult | None) -> tuple[Action, ...]:
+        decided = decide(self.config.cache_strategy, self.host_load, hot_count, lookup)
+        return self._actions.pending(decided, prompt.key, trio.current_time())
 
     # -- background --------------------------------------------------------------------
 
-    async def _manage(self, prompt: Prompt, hot_count: int, routing: Routing) -> None:
+    async def _manage(self, prompt: Prompt, hot_count: int, routing: Routing,
+                      actions: tuple[Action, ...] | None) -> None:
+        """Background work of one request; ``actions`` None: decide once tokens and lookup are in."""
         deadline = trio.current_time() + self.config.request_timeout
         tokens, lookup = routing.tokens, routing.lookup
         if tokens is None or lookup is None:
@@ -145,9 +153,10 @@ class KvCache:
             if shared is None:
                 return
             tokens, lookup = shared
-        load = self._sampler.latest if self._sampler is not None else None
+        if actions is None:
+            actions = self._pending_actions(prompt, hot_count, lookup)
         now = trio.current_time()
-        for action in decide(self.config.cache_strategy, load, hot_count, lookup):
+        for action in actions:
             await self._actions.run(action, tokens, prompt.key, now, deadline)
 
     async def _tokens_and_lookup(self, prompt: Prompt, tokens: TokenSeq | None,
