@@ -264,6 +264,8 @@ async def test_hot_prompt_is_pinned_once_where_its_prefix_is(upstream: Upstream)
         await request(kv, completion("hot"))
         assert fake.calls["/pin"] == 1
         assert kv.stats.actions["pin"]["ok"] == 1 and kv.stats.actions["pin"]["recent"] == 1
+        # The third request had nothing left to do: no background job was started for it.
+        assert kv.stats.background_started == 2 and kv.stats.background_skipped == 1
 
 
 def pressure(cpu: float = 0.0, memory: float = 0.0) -> Any:
