@@ -195,7 +195,9 @@ async def _one_run(opts: _Options, workload: Workload, plan: FleetPlan, target: 
                              "engines": 1 if target == "direct" else opts.engines, **engine_fields},
                 "metrics": metrics,
                 "ttft_s": [round(t, 6) for s in result.samples if s.ok and (t := s.ttft_s) is not None],
-                "timeline": hit_ratio_timeline(result.samples),
+                # About 8 requests per point at least, so a point is a ratio, not one request.
+                "timeline": hit_ratio_timeline(result.samples,
+                                               bins=min(20, max(3, len(result.samples) // 8))),
             })
     except TargetUnavailable as exc:
         record["unavailable"] = str(exc)

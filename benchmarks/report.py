@@ -197,14 +197,15 @@ def write_plots(records: Sequence[Record], out_dir: Path) -> list[Path]:
         written.append(path)
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        width = 0.8 / max(1, len(rows))
-        for i, r in enumerate(rows):
+        # ``direct`` has one engine by definition: it would only squash the scale.
+        fleet_rows = [r for r in rows if r["target"] != "direct"]
+        names = sorted({n for r in fleet_rows for n in (r["metrics"].get("per_engine") or {})})
+        width = 0.8 / max(1, len(fleet_rows))
+        for i, r in enumerate(fleet_rows):
             per = r["metrics"].get("per_engine") or {}
-            names = sorted(per)
             xs = [j + i * width for j in range(len(names))]
-            ax.bar(xs, [per[n]["requests"] for n in names], width=width, label=r["target"])
-            if i == 0:
-                ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, fontsize=8)
+            ax.bar(xs, [per.get(n, {}).get("requests", 0) for n in names], width=width, label=r["target"])
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, fontsize=8)
         ax.set_ylabel("requests")
         ax.set_title(f"Requests per engine: {workload}")
         ax.legend(fontsize=8)
