@@ -40,8 +40,8 @@ from .errors import GatewayError
 from .filters.llm_proxy import ATTEMPTS_KEY, ENDPOINT_KEY, TRIED_KEY, TTFB_KEY
 from .logs import log_event
 
-__all__ = ["BACKGROUND_GRACE_KEY", "CONFIG_ENV", "GatewayApp", "RunningGateway", "create_app", "hypercorn_config",
-           "open_gateway", "serve"]
+__all__ = ["BACKGROUND_GRACE_KEY", "CONFIG_ENV", "GatewayApp", "RunningGateway", "create_app",
+           "hypercorn_config", "open_gateway", "serve"]
 
 CONFIG_ENV = "PIXIU_KV_CONFIG"
 # A decode filter sets ``ctx.values[BACKGROUND_GRACE_KEY]`` (seconds) to say how long the
@@ -245,35 +245,43 @@ class GatewayApp:
 
     async def _chain(self, runtime: Runtime, ctx: RequestContext, receive: ASGIReceive,
                      tracker: ResponseTracker) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, ctx, tracker)
-            try:
-                for f in runtime.decode_filters:
-                    try:
-                        await f.decode(ctx)
-                    except GatewayError:
-                        raise
-                    except Exception:
-                        # Decode filters are advisory (routing hints, cache management): a
-                        # broken one must not fail the request; it is logged loudly instead.
-                        _log.exception("decode filter %s failed; continuing", type(f).__name__)
-                await runtime.proxy.serve(ctx, tracker.send)
-            except GatewayError as error:
-                if not tracker.started:
-                    await send_error(tracker.send, error, ctx.request_id)
-            except Exception:
-                _log.exception("request %s failed", ctx.request_id)
-                if not tracker.started:
-                    await send_error(tracker.send, GatewayError(500, "internal gateway error",
-                                                                "internal_error"), ctx.request_id)
-            finally:
-                nursery.cancel_scope.cancel()
-        if tracker.finished:
-            grace = ctx.values.get(BACKGROUND_GRACE_KEY)
-            ctx.background.finish(float(grace) if isinstance(grace, int | float)
-                                  else runtime.background_grace)
-        else:
-            ctx.background.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope, ctx, tracker)
+                try:
+                    await self._run_filters(runtime, ctx, tracker)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            # Whatever ended the request (including a cancellation from outside, such as the
+            # server's graceful deadline), its background work is released or cancelled.
+            if tracker.finished:
+                grace = ctx.values.get(BACKGROUND_GRACE_KEY)
+                ctx.background.finish(float(grace) if isinstance(grace, int | float)
+                                      else runtime.background_grace)
+            else:
+                ctx.background.cancel()
+
+    async def _run_filters(self, runtime: Runtime, ctx: RequestContext, tracker: ResponseTracker) -> None:
+        try:
+            for f in runtime.decode_filters:
+                try:
+                    await f.decode(ctx)
+                except GatewayError:
+                    raise
+                except Exception:
+                    # Decode filters are advisory (routing hints, cache management): a
+                    # broken one must not fail the request; it is logged loudly instead.
+                    _log.exception("decode filter %s failed; continuing", type(f).__name__)
+            await runtime.proxy.serve(ctx, tracker.send)
+        except GatewayError as error:
+            if not tracker.started:
+                await send_error(tracker.send, error, ctx.request_id)
+        except Exception:
+            _log.exception("request %s failed", ctx.request_id)
+            if not tracker.started:
+                await send_error(tracker.send, GatewayError(500, "internal gateway error",
+                                                            "internal_error"), ctx.request_id)
 
     def _log_access(self, scope: Scope, request_id: str, ctx: RequestContext | None,
                     tracker: ResponseTracker, started_at: float, body_size: int) -> None:
