@@ -4,9 +4,10 @@
   workload's distinct reusable prefix tokens, so placement decides what hits; each engine
   still fits a few requests at once (a floor), and the LMCache CPU tier is sized relative
   to the GPU (``cpu_tier_ratio``).
-* Rate: the request rate that keeps the engines' prefill lanes ``busy`` (70%) under round
-  robin, from the expected round-robin hit ratio (an engine of an evenly spread fleet holds
-  its share of the prefixes).
+* Rate: the request rate that keeps the engines ``busy`` (70%) under round robin: the lower
+  of what their prefill lanes sustain (with the expected round-robin hit ratio: an engine of
+  an evenly spread fleet holds its share of the prefixes) and what their GPU KV capacity
+  sustains (requests hold their blocks while they decode).
 * Speed: the sim's speed factor that keeps the SSE event rate and the request rate within
   what the gateway and the load generator can carry on a small machine without starving
   the simulated engines.
@@ -26,6 +27,8 @@ __all__ = ["CostProfile", "FleetPlan", "cost_profile", "plan_fleet"]
 PREFILL_TOKENS_PER_S = 10_000.0
 GPU_HIT_S_PER_TOKEN = 2e-6
 CPU_LOAD_TOKENS_PER_S = 50_000.0
+DECODE_INTERVAL_S = 0.015
+DECODE_BATCH_SLOPE = 0.002
 BLOCK = 16
 CHUNK = 256
 _CHAT_OVERHEAD = 16  # template tokens per message
@@ -99,7 +102,12 @@ def plan_fleet(spec: WorkloadSpec, *, engines: int = 4, cache_fraction: float = 
     hit_tokens = profile.mean_reusable * rr_hit_of_reusable
     computed = max(1.0, profile.mean_prompt - hit_tokens)
     prefill_s = computed / PREFILL_TOKENS_PER_S + hit_tokens * GPU_HIT_S_PER_TOKEN
-    rate_at_1 = busy * engines / prefill_s
+    # GPU KV capacity also bounds the load: a request holds its prompt and output blocks for
+    # its whole decode, so an engine runs at most ``slots`` requests at once.
+    slots = max(1, gpu // max(1, int(profile.mean_prompt + profile.mean_output)))
+    decode_s = profile.mean_output * DECODE_INTERVAL_S * (1.0 + DECODE_BATCH_SLOPE * slots)
+    kv_rate = slots / (prefill_s + decode_s)
+    rate_at_1 = busy * engines * min(1.0 / prefill_s, kv_rate)
     if speed is None:
         # Slower (or faster) engines change every duration alike, so ratios between routers
         # hold; the point is to stay within what the machine's CPUs can drive.
