@@ -167,3 +167,11 @@ async def test_served_by_hypercorn_cli_and_pixiu_kv_serve(
         code = await _stop(process)
     if runner == "pixiu-kv":
         assert code == 0  # SIGTERM is a graceful stop
+
+
+@pytest.mark.parametrize("command", ["sim", "bench"])
+def test_sim_and_bench_are_delegated(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
