@@ -73,6 +73,9 @@ class RoutingConfig:
       consistent hashing, bounded to ``session_load_factor`` x the mean load.
     """
 
+    # Master switch. Off: the kvcache filter routes as Pixiu's reference does (LMCache lookup of
+    # a cached prompt's tokens, best instance); on: this router decides every request.
+    enabled: bool = False
     prefix_index: bool = True
     max_index_entries: int = attrs.field(default=200_000, validator=_positive)
     block_size: int = attrs.field(default=16, validator=_block_size)
@@ -130,6 +133,7 @@ def read_routing_config(t: Table) -> RoutingConfig:
         tt.close()
     return t.build(
         RoutingConfig,
+        enabled=t.flag("enabled", d.enabled),
         prefix_index=t.flag("prefix_index", d.prefix_index),
         max_index_entries=t.integer("max_index_entries", d.max_index_entries, minimum=1),
         block_size=t.integer("block_size", d.block_size, minimum=1),

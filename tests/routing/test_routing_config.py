@@ -20,7 +20,7 @@ def test_an_empty_table_gives_the_defaults() -> None:
 
 def test_every_switch_and_value_is_read() -> None:
     cfg = _read({
-        "prefix_index": False, "max_index_entries": 1000, "block_size": 16, "max_block_size": 64,
+        "enabled": True, "prefix_index": False, "max_index_entries": 1000, "block_size": 16, "max_block_size": 64,
         "engine_cache_tokens": 100_000, "cost_model": False, "prefill_tokens_per_second": 12000,
         "cached_tokens_per_second": 1e6, "base_latency": "15ms", "running_request_cost": "1ms",
         "learning_rate": 0.1, "overload_in_flight_ratio": 0.9, "overload_queue_time": "3s",
@@ -30,6 +30,7 @@ def test_every_switch_and_value_is_read() -> None:
         "reservation_timeout": "5m",
         "tokenizers": [{"model": "m1", "path": "builtin:sim"}, {"model": "m2", "path": "/t.json"}],
     })
+    assert cfg.enabled
     assert (cfg.prefix_index, cfg.cost_model, cfg.hot_spread, cfg.session_affinity) == (False,) * 4
     assert cfg.engine_cache_tokens == 100_000
     assert (cfg.base_latency, cfg.overload_queue_time, cfg.hot_window) == (0.015, 3, 60)
