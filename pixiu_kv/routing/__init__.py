@@ -13,7 +13,7 @@ from ._request import ROUTING_INPUT_KEY, RoutingInput, session_key_of
 from ._router import LearnedCost, Router, RouterStats
 from ._session import SessionRing, stable_hash
 from ._types import CostLine, Decision, EndpointView, Reason
-from .config import RoutingConfig, read_routing_config
+from .config import RoutingConfig, TokenizerSpec, read_routing_config
 from .usage import Usage, UsageScanner
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "RoutingConfig",
     "RoutingInput",
     "SessionRing",
+    "TokenizerSpec",
     "Usage",
     "UsageScanner",
     "read_routing_config",

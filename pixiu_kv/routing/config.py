@@ -12,7 +12,10 @@ import attrs
 
 from .._config_parse import FieldError, Table
 
-__all__ = ["RoutingConfig", "read_routing_config"]
+__all__ = ["RoutingConfig", "TokenizerSpec", "read_routing_config"]
+
+# Marks durations for the configuration dump (written back as "50ms"-style strings).
+_DURATION = {"duration": True}
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -42,14 +45,21 @@ def _block_size(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
         raise FieldError(attribute.name, value, "must be a power of two in [1, 4096]")
 
 
-def _tokenizer_pairs(_: object, attribute: attrs.Attribute[Any],
-                     value: tuple[tuple[str, str], ...]) -> None:
-    models = [model for model, _path in value]
+@attrs.frozen(slots=True)
+class TokenizerSpec:
+    """A local tokenizer for ``model``: a ``tokenizer.json`` path, or ``builtin:sim``."""
+
+    model: str
+    path: str
+
+
+def _tokenizer_specs(_: object, attribute: attrs.Attribute[Any], value: tuple[TokenizerSpec, ...]) -> None:
+    models = [spec.model for spec in value]
     if len(set(models)) != len(models):
         raise FieldError(attribute.name, models, "names a model twice")
-    for model, path in value:
-        if not model or not path:
-            raise FieldError(attribute.name, (model, path), "needs a model name and a file path")
+    for spec in value:
+        if not spec.model or not spec.path:
+            raise FieldError(attribute.name, (spec.model, spec.path), "needs a model name and a file path")
 
 
 @attrs.frozen(slots=True)
@@ -87,19 +97,19 @@ class RoutingConfig:
     cost_model: bool = True
     prefill_tokens_per_second: float = attrs.field(default=8000.0, validator=_positive)
     cached_tokens_per_second: float = attrs.field(default=400_000.0, validator=_positive)
-    base_latency: float = attrs.field(default=0.02, validator=_non_negative)
-    running_request_cost: float = attrs.field(default=0.002, validator=_non_negative)
+    base_latency: float = attrs.field(default=0.02, validator=_non_negative, metadata=_DURATION)
+    running_request_cost: float = attrs.field(default=0.002, validator=_non_negative, metadata=_DURATION)
     learning_rate: float = attrs.field(default=0.05, validator=_ratio)
     # Ranking penalty, in units of the endpoint's own prefill time, for computing again the
     # tokens another eligible endpoint holds: a copy costs the fleet cache space.
     duplicate_cost_factor: float = attrs.field(default=1.0, validator=_non_negative)
 
     overload_in_flight_ratio: float = attrs.field(default=0.85, validator=_ratio)
-    overload_queue_time: float = attrs.field(default=2.0, validator=_positive)
+    overload_queue_time: float = attrs.field(default=2.0, validator=_positive, metadata=_DURATION)
 
     hot_spread: bool = True
     hot_threshold: float = attrs.field(default=1.0, validator=_positive)
-    hot_window: float = attrs.field(default=30.0, validator=_positive)
+    hot_window: float = attrs.field(default=30.0, validator=_positive, metadata=_DURATION)
     hot_min_requests: float = attrs.field(default=8.0, validator=_positive)
     hot_min_tokens: int = attrs.field(default=256, validator=_positive)
     max_hot_prefixes: int = attrs.field(default=64, validator=_positive)
@@ -109,11 +119,11 @@ class RoutingConfig:
     session_load_factor: float = attrs.field(default=1.25, validator=_at_least_one)
 
     max_pending: int = attrs.field(default=65_536, validator=_positive)
-    reservation_timeout: float = attrs.field(default=600.0, validator=_positive)
+    reservation_timeout: float = attrs.field(default=600.0, validator=_positive, metadata=_DURATION)
 
     # Optional local tokenizers, ``[[...routing.tokenizers]]`` tables of ``model`` and ``path``:
     # a Hugging Face ``tokenizer.json``, or ``builtin:sim`` for the simulator's tokenizer.
-    tokenizers: tuple[tuple[str, str], ...] = attrs.field(default=(), validator=_tokenizer_pairs)
+    tokenizers: tuple[TokenizerSpec, ...] = attrs.field(default=(), validator=_tokenizer_specs)
 
     def __attrs_post_init__(self) -> None:
         if self.max_block_size < self.block_size:
@@ -127,9 +137,9 @@ class RoutingConfig:
 def read_routing_config(t: Table) -> RoutingConfig:
     """Read a ``routing`` table; absent keys take the defaults, unknown keys are rejected."""
     d = RoutingConfig()
-    pairs = []
+    pairs: list[TokenizerSpec] = []
     for tt in t.tables("tokenizers"):
-        pairs.append((tt.text("model"), tt.text("path")))
+        pairs.append(TokenizerSpec(model=tt.text("model"), path=tt.text("path")))
         tt.close()
     return t.build(
         RoutingConfig,

@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from .config import TokenizerSpec
+
 __all__ = [
     "BUILTIN_SIM",
     "HuggingFaceTokenizer",
@@ -139,9 +141,10 @@ _CHAT_FIELDS_UNDERSTOOD = frozenset({
 })
 
 
-def load_local_tokenizers(pairs: Sequence[tuple[str, str]]) -> LocalTokenizers:
-    """Load ``(model, path)`` pairs (``RoutingConfig.tokenizers``); raises LocalTokenizerError."""
+def load_local_tokenizers(specs: Sequence[tuple[str, str] | TokenizerSpec]) -> LocalTokenizers:
+    """Load ``RoutingConfig.tokenizers`` (or ``(model, path)`` pairs); raises LocalTokenizerError."""
     by_model: dict[str, PromptTokenizer] = {}
-    for model, path in pairs:
+    for spec in specs:
+        model, path = (spec.model, spec.path) if isinstance(spec, TokenizerSpec) else spec
         by_model[model] = SimTokenizer() if path == BUILTIN_SIM else HuggingFaceTokenizer(path)
     return LocalTokenizers(by_model)

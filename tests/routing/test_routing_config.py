@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from pixiu_kv._config_parse import ConfigError, Table
-from pixiu_kv.routing import Router, RoutingConfig, read_routing_config
+from pixiu_kv.routing import Router, RoutingConfig, TokenizerSpec, read_routing_config
 
 
 def _read(data: dict[str, Any]) -> RoutingConfig:
@@ -20,7 +20,8 @@ def test_an_empty_table_gives_the_defaults() -> None:
 
 def test_every_switch_and_value_is_read() -> None:
     cfg = _read({
-        "enabled": True, "prefix_index": False, "max_index_entries": 1000, "block_size": 16, "max_block_size": 64,
+        "enabled": True, "prefix_index": False, "max_index_entries": 1000, "block_size": 16,
+        "max_block_size": 64,
         "engine_cache_tokens": 100_000, "cost_model": False, "prefill_tokens_per_second": 12000,
         "cached_tokens_per_second": 1e6, "base_latency": "15ms", "running_request_cost": "1ms",
         "learning_rate": 0.1, "overload_in_flight_ratio": 0.9, "overload_queue_time": "3s",
@@ -35,7 +36,7 @@ def test_every_switch_and_value_is_read() -> None:
     assert cfg.engine_cache_tokens == 100_000
     assert (cfg.base_latency, cfg.overload_queue_time, cfg.hot_window) == (0.015, 3, 60)
     assert cfg.session_header == "x-conversation"
-    assert cfg.tokenizers == (("m1", "builtin:sim"), ("m2", "/t.json"))
+    assert cfg.tokenizers == (TokenizerSpec("m1", "builtin:sim"), TokenizerSpec("m2", "/t.json"))
     Router(cfg)  # every combination of switches builds
 
 
