@@ -19,6 +19,7 @@ import attrs
 import tomli
 
 from ._config_parse import ConfigError, FieldError, Table, format_duration
+from .routing.config import RoutingConfig, read_routing_config
 
 __all__ = [
     "AdminConfig",
@@ -252,6 +253,7 @@ class KvCacheConfig:
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
     max_background_jobs: int = attrs.field(default=256, validator=_positive)
     load_sample_interval: float = _dur(1.0, positive=True)
+    routing: RoutingConfig = attrs.field(factory=RoutingConfig)
 
     def __attrs_post_init__(self) -> None:
         if self.enabled:
@@ -421,6 +423,7 @@ def _read_kvcache(t: Table) -> KvCacheConfig:
         circuit_breaker=breaker,
         max_background_jobs=t.integer("max_background_jobs", 256, minimum=1),
         load_sample_interval=t.duration("load_sample_interval", 1.0, positive=True),
+        routing=read_routing_config(t.table("routing")),
     )
 
 
