@@ -82,25 +82,35 @@ class UpstreamResponse:
         self.headers = headers
 
     async def next_chunk(self) -> bytes | None:
-        """The next piece of the body as it arrives; None once the body is complete."""
+        """The body received so far and not yet returned, as soon as there is any; None once
+        the body is complete.
+
+        Pieces that arrived together are returned together (one send to the client instead
+        of one per piece), but nothing is ever held back waiting for more.
+        """
         connection = self._connection
         if connection is None:
             return None
         protocol = connection.protocol
+        parts: list[bytes] = []
         try:
             while True:
                 event = protocol.next_event()
                 if event is h11.NEED_DATA:
+                    if parts:
+                        return b"".join(parts)
                     protocol.receive_data(cast(bytes, await connection.stream.receive_some(_READ_SIZE)))
                 elif type(event) is h11.Data:
-                    return bytes(event.data)
+                    parts.append(event.data)
                 elif type(event) is h11.EndOfMessage:
                     self._connection = None
                     self._pool.release(connection)
-                    return None
+                    return b"".join(parts) if parts else None
                 else:
                     raise UpstreamError(f"unexpected HTTP event from the engine: {type(event).__name__}")
         except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if parts:
+                return b"".join(parts)  # deliver what arrived; the next call reports the break
             raise UpstreamError(f"connection to the engine broke: {exc}") from None
 
     def close(self) -> None:
