@@ -1,10 +1,11 @@
-"""Gateway process for the benchmarks: ``python -m benchmarks._gateway '<json config>'``.
+"""Gateway process for the benchmarks: ``python -m benchmarks._gateway ['<json config>']``.
 
-The JSON is the gateway configuration as decoded TOML would be (``parse_config``). Serves
-it with hypercorn on 127.0.0.1 and a free port, prints ``{"url": ...}`` as one line, and
-runs until its stdin closes or it is sent SIGTERM/SIGINT. A separate process so that its
-CPU time and memory can be measured on its own, and it does not share a core's event loop
-with the load generator.
+The JSON is the gateway configuration as decoded TOML would be (``parse_config``); without
+an argument it is read as the first line of stdin, so the process can be started (and its
+imports done) while the fleet it will front is still starting. Serves it with hypercorn on
+127.0.0.1 and a free port, prints ``{"url": ...}`` as one line, and runs until its stdin
+closes or it is sent SIGTERM/SIGINT. A separate process so that its CPU time and memory can
+be measured on its own, and it does not share a core's event loop with the load generator.
 """
 
 from __future__ import annotations
@@ -51,7 +52,15 @@ async def _run(data: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    data = json.loads(argv[0]) if argv else {}
+    import pixiu_kv.app  # noqa: F401 - the slow part of starting, done before the config arrives
+
+    if argv:
+        data = json.loads(argv[0])
+    else:
+        line = sys.stdin.buffer.readline()
+        if not line.strip():
+            return 1  # the benchmark went away before sending a configuration
+        data = json.loads(line)
     trio.run(_run, data)
     return 0
 

@@ -355,6 +355,13 @@ async def open_target(name: str, fleet: FleetSettings, *, log_dir: Path | None =
                                 "or pass --smg PATH")
     settings = attrs.evolve(fleet, engines=1) if name == "direct" else fleet
     async with AsyncExitStack() as stack:
+        gateway: trio.Process | None = None
+        gateway_log = log_dir / f"gateway-{name}.log" if log_dir else None
+        if name in GATEWAY_TARGETS:
+            # Started first: its imports run while the fleet starts; the configuration
+            # (which needs the fleet's URLs) follows on its stdin.
+            gateway = await stack.enter_async_context(
+                _child([sys.executable, "-m", "benchmarks._gateway"], "the gateway", gateway_log))
         info = await stack.enter_async_context(open_fleet_process(settings, log_dir=log_dir))
         ids = tuple(eid for eid, _ in info.engines)
         stats_url = info.oracle_url + "/fleet/stats"
@@ -374,11 +381,10 @@ async def open_target(name: str, fleet: FleetSettings, *, log_dir: Path | None =
             speed = float(fleet.engine.get("speed", 1.0))
             config = gateway_config(name, info.engines, info.controller_url, model=info.model,
                                     prefill_tokens_per_s=PREFILL_TOKENS_PER_S * speed)
-            log_path = log_dir / f"gateway-{name}.log" if log_dir else None
-            proc = await stack.enter_async_context(
-                _child([sys.executable, "-m", "benchmarks._gateway", json.dumps(config)], "the gateway",
-                       log_path))
-            url = json.loads(await _read_line(proc, STARTUP_TIMEOUT_S, "the gateway", log_path))["url"]
+            assert gateway is not None and gateway.stdin is not None
+            await gateway.stdin.send_all(json.dumps(config).encode() + b"\n")
+            proc = gateway
+            url = json.loads(await _read_line(proc, STARTUP_TIMEOUT_S, "the gateway", gateway_log))["url"]
             await _wait_ready(url + "/ready", STARTUP_TIMEOUT_S, "the gateway")
             yield TargetHandle(name, url, info.model, ids, stats_url=stats_url, meter=ProcessMeter(proc.pid),
                                routing_expected=name in ("seed", "pixiu-kv"),
