@@ -25,6 +25,9 @@ import trio
 from ...config import KvCacheConfig
 from ...context import RouteHint
 from ...hostload import HostLoad, HostLoadSampler
+from ...routing import Router as DecisionRouter
+from ...routing import RoutingInput
+from ...routing.local_tokenizer import LocalTokenizers, load_local_tokenizers
 from ...upstream.lmcache import MAX_REPLY_BYTES as LMCACHE_MAX_REPLY_BYTES
 from ...upstream.lmcache import LmCacheClient, LookupResult
 from ...upstream.resilience import BreakerState, CircuitBreaker, RetryPolicy, UpstreamError
@@ -74,6 +77,11 @@ class KvCache:
         self._actions = ActionRunner(background_client, background_breaker, config.cache_strategy,
                                      self._stats, RecentActions(config.hot_window, config.hot_max_keys))
         self._sampler = sampler
+        rc = config.routing
+        # The router (``routing.enabled``): decides at the proxy's pick time through a hook.
+        self.decider = DecisionRouter(rc) if rc.enabled else None
+        self._local_tokens: LocalTokenizers | None = (
+            load_local_tokenizers(rc.tokenizers) if rc.enabled and rc.tokenizers else None)
 
     @property
     def stats(self) -> KvCacheStats:
@@ -114,11 +122,18 @@ class KvCache:
 
     async def process(self, body: object, spawn: Spawn) -> RouteHint | None:
         """Steps 1-4 for one request; None when the body has no prompt (pass through)."""
+        hint, _ = await self.process_routed(body, spawn)
+        return hint
+
+    async def process_routed(self, body: object,
+                             spawn: Spawn) -> tuple[RouteHint | None, RoutingInput | None]:
+        """:meth:`process`, plus what the router needs (tokens, lookup) when it is enabled."""
         prompt = extract_prompt(body, self.config.default_model)
         if prompt is None:
-            return None
+            return None, None
         hot_count = self._hotness.record(prompt.key, trio.current_time())
         routing = await self._router.route(prompt)
+        routing_input = self._routing_input(prompt, routing) if self.decider is not None else None
         actions: tuple[Action, ...] | None = None
         if routing.tokens is not None:
             if routing.lookup is not None:
@@ -126,13 +141,24 @@ class KvCache:
                 actions = self._pending_actions(prompt, hot_count, routing.lookup)
                 if not actions:
                     self._stats.background_skipped += 1
-                    return routing.hint
+                    return routing.hint, routing_input
             elif self._background_breaker.state is BreakerState.OPEN:
                 # Tokens known and LMCache known down: a lookup or an action could not be sent.
                 self._stats.background_skipped += 1
-                return routing.hint
+                return routing.hint, routing_input
         await self._jobs.start(spawn, self._manage, prompt, hot_count, routing, actions)
-        return routing.hint
+        return routing.hint, routing_input
+
+    def _routing_input(self, prompt: Prompt, routing: Routing) -> RoutingInput:
+        """Tokens from the token cache, else a local tokenizer; LMCache's matches if looked up."""
+        tokens: list[int] | None = None
+        if routing.tokens is not None:
+            tokens = routing.tokens.ids()
+        elif self._local_tokens is not None:
+            tokens = self._local_tokens.tokens(prompt.tokenize_body)
+        lookup = ({instance: entry.matched for instance, entry in routing.lookup.layout.items()}
+                  if routing.lookup is not None else None)
+        return RoutingInput(tokens=tokens, lookup=lookup)
 
     def _pending_actions(self, prompt: Prompt, hot_count: int,
                          lookup: LookupResult | None) -> tuple[Action, ...]:

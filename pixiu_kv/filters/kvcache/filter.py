@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import attrs
 import trio
 
 from ...config import KvCacheConfig
 from ...context import RequestContext
 from ...hostload import HostLoad
+from ...routing import RoutingInput, session_key_of
+from ...routing.hook import ROUTING_HOOK_KEY, RoutingHook
 from .core import DEFAULT_HTTP_POOL_SIZE, KvCache, open_kvcache_core
 
 __all__ = ["BACKGROUND_GRACE", "KvCacheFilter", "PassThroughFilter", "open_kvcache_filter"]
@@ -42,10 +45,18 @@ class KvCacheFilter:
     async def decode(self, ctx: RequestContext) -> None:
         # Before anything is spawned, so the gateway always knows the grace of started work.
         ctx.values[BACKGROUND_GRACE] = self.kv.config.request_timeout
-        hint = await self.kv.process(ctx.json, ctx.background.start_soon)
+        hint, routing_input = await self.kv.process_routed(ctx.json, ctx.background.start_soon)
         if hint is not None:
             ctx.route_hint = hint
             ctx.preferred_endpoint_id = hint.endpoint_id
+        decider = self.kv.decider
+        if decider is not None:
+            # The router decides when the proxy picks (fresh endpoint state), through a hook.
+            session = session_key_of(ctx.headers, ctx.json, decider.config.session_header)
+            inp = routing_input or RoutingInput()
+            hook = RoutingHook(decider, attrs.evolve(inp, session_key=session), ctx)
+            ctx.values[ROUTING_HOOK_KEY] = hook
+            await ctx.background.start_soon(hook.watch)
 
 
 class PassThroughFilter:
