@@ -26,6 +26,7 @@ from ..cluster import Cluster, Endpoint, PickFailure, attempts_allowed, backoff_
 from ..config import LlmProxyConfig
 from ..context import RequestContext
 from ..errors import GatewayError, error_body
+from ..routing.hook import ROUTING_HOOK_KEY
 from ..upstream.engine import EngineClients, UpstreamConnectError, UpstreamError, UpstreamResponse
 
 __all__ = [
@@ -93,6 +94,9 @@ class LlmProxyFilter:
         tried: list[Endpoint] = []
         ctx.values[TRIED_KEY] = tried_ids = []
         ctx.values[ATTEMPTS_KEY] = 0
+        hook = ctx.values.get(ROUTING_HOOK_KEY)
+        if hook is not None:  # the kvcache filter's router decides now, on live endpoint state
+            hook.choose(cluster.endpoints, self._clock())
         pick = cluster.pick(self._clock(), ctx.preferred_endpoint_id)
         endpoint = pick.endpoint
         failure = pick.failure
@@ -156,6 +160,9 @@ class LlmProxyFilter:
                     return _Answered(endpoint.id, response.status, response.headers, body)
                 ctx.values[TTFB_KEY] = self._clock() - ctx.started_at
                 ctx.values[ENDPOINT_KEY] = endpoint.id
+                hook = ctx.values.get(ROUTING_HOOK_KEY)
+                if hook is not None:
+                    hook.first_byte(endpoint.id, self._clock())
                 scope.deadline = math.inf
                 await send({
                     "type": "http.response.start",
@@ -172,9 +179,13 @@ class LlmProxyFilter:
                     if chunk is None:
                         break
                     if chunk:
+                        if hook is not None:
+                            hook.feed(chunk)
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 scope.deadline = math.inf
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if hook is not None:
+                    hook.done(endpoint.id, self._clock())
                 return _DONE
             except UpstreamConnectError as exc:
                 # Passive health: an engine that refuses connections counts as failing checks.
