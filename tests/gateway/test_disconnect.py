@@ -121,3 +121,29 @@ async def test_completed_requests_leave_only_reusable_connections(start_engine: 
         # Sequential requests reuse one kept-alive upstream connection.
         assert engine.established_connections() == 1
     await _all_closed(engine)
+
+
+class SlowBackground:
+    """Background work longer than the grace the filter declares for it."""
+
+    def __init__(self) -> None:
+        self.cancelled = trio.Event()
+
+    async def decode(self, ctx: RequestContext) -> None:
+        ctx.values["background_grace"] = 0.05
+        await ctx.background.start_soon(self._work)
+
+    async def _work(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.cancelled.set()
+
+
+async def test_background_work_is_cancelled_after_its_grace(start_engine: EngineFactory) -> None:
+    engine = await start_engine("e1")
+    probe = SlowBackground()
+    async with open_gateway(gateway_config([engine]), decode_filters=[probe]) as gw, client(gw.url) as http:
+        assert (await http.post("/v1/completions", json={"prompt": "p"})).status_code == 200
+        with trio.fail_after(10):
+            await probe.cancelled.wait()
