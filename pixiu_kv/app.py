@@ -166,7 +166,7 @@ class GatewayApp:
             headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
             with trio.move_on_after(within):
                 try:
-                    response = await runtime.clients.health.get(address.rstrip("/") + "/v1/models",
+                    response = await runtime.clients.models.get(address.rstrip("/") + "/v1/models",
                                                                 headers=headers)
                     data = response.json().get("data") if response.status_code == 200 else None
                 except (httpx.HTTPError, ValueError, AttributeError):

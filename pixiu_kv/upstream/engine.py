@@ -100,16 +100,20 @@ def _client(config: LlmProxyConfig, pool_size: int, tls: ssl.SSLContext) -> http
 class EngineClients:
     """The connection pools, keyed by endpoint id. Owned by the gateway's lifespan."""
 
-    __slots__ = ("_base_paths", "_pools", "config", "health")
+    __slots__ = ("_base_paths", "_pools", "config", "health", "models")
 
     def __init__(self, config: LlmProxyConfig, pools: dict[str, EngineConnectionPool],
-                 base_paths: dict[str, bytes], health: httpx.AsyncClient) -> None:
+                 base_paths: dict[str, bytes], health: httpx.AsyncClient,
+                 models: httpx.AsyncClient) -> None:
         self.config = config
         self._pools = pools
         self._base_paths = base_paths
         # Health checks use their own small pool: a pool full of long streams must not make
         # a healthy engine's checks wait for a slot and fail.
         self.health = health
+        # ``GET /v1/models`` fan-outs get their own pool too, so a burst of them can never
+        # starve the health checks (and mark healthy engines down).
+        self.models = models
 
     def pool(self, endpoint_id: str) -> EngineConnectionPool:
         return self._pools[endpoint_id]
@@ -143,7 +147,8 @@ async def open_engine_clients(config: LlmProxyConfig,
             pools[endpoint.id] = pool
             base_paths[endpoint.id] = origin.base_path
         health = await stack.enter_async_context(_client(config, max(1, len(endpoints)), tls))
-        yield EngineClients(config, pools, base_paths, health)
+        models = await stack.enter_async_context(_client(config, max(1, len(endpoints)), tls))
+        yield EngineClients(config, pools, base_paths, health, models)
 
 
 async def probe_health(client: httpx.AsyncClient, url: str, within: float) -> bool:
