@@ -1,0 +1,88 @@
+"""End to end with the router on: gateway + kvcache filter + simulated fleet + LMCache emulator."""
+
+from __future__ import annotations
+
+import json
+
+from kv_fakes import wait_until
+from test_kv_gateway import LONG, MODEL, complete, settle, stack
+
+from pixiu_kv.filters.kvcache import KvCacheFilter
+from pixiu_kv.routing import Router
+
+ROUTING = """
+[http_filters.config.routing]
+enabled = true
+[[http_filters.config.routing.tokenizers]]
+model = "sim-llama-8b"
+path = "builtin:sim"
+"""
+
+
+def decider(kv_filter: KvCacheFilter) -> Router:
+    router = kv_filter.kv.decider
+    assert router is not None
+    return router
+
+
+async def test_first_sight_prompt_is_routed_and_its_repeats_and_next_turns_follow_it() -> None:
+    async with stack(ROUTING) as (_fleet, _gw, kv_filter, http):
+        router = decider(kv_filter)
+        # First sight: no token cache entry, no lookup yet; the local tokenizer gives tokens and
+        # the router places it by cost (the reference would not route it at all).
+        engine, route, cached = await complete(http, LONG)
+        assert cached == 0 and "reason=load" in route and f"hinted={engine}; used=yes" in route
+        await settle(kv_filter, 1)
+        for n, prompt in enumerate((LONG, LONG + " and a follow-up question", LONG + " and another one"), 2):
+            again, route, cached = await complete(http, prompt)
+            assert again == engine, route
+            assert "reason=cache" in route and cached > 0
+            await settle(kv_filter, n)
+        # Every reservation was released by the proxy's completion callback, and the engines'
+        # usage reports reached the router.
+        await wait_until(lambda: router.stats().pending == 0)
+        assert router.stats().decisions == {"load": 1, "cache": 3}
+
+
+async def test_streamed_responses_teach_the_router_its_costs() -> None:
+    async with stack(ROUTING) as (_fleet, _gw, kv_filter, http):
+        router = decider(kv_filter)
+        for i in range(3):
+            body = {"model": MODEL, "prompt": f"{i} {LONG}", "max_tokens": 2, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            async with http.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                events = [line async for line in r.aiter_lines() if line.startswith("data: {")]
+            assert "usage" in json.loads(events[-1][6:])
+            await settle(kv_filter, i + 1)
+        await wait_until(lambda: router.stats().pending == 0)
+        assert sum(e.samples for e in router.stats().endpoints) == 3
+
+
+async def test_a_session_without_a_cache_signal_sticks_to_its_engine() -> None:
+    async with stack(ROUTING) as (_fleet, _gw, _kv_filter, http):
+        engines = set()
+        for i in range(4):
+            # Short prompts share no whole block: only the session key can keep them together.
+            r = await http.post("/v1/completions", headers={"x-session-id": "conversation-7"},
+                                json={"model": MODEL, "prompt": f"question {i}", "max_tokens": 2})
+            assert r.status_code == 200, r.text
+            assert "reason=session" in r.headers["x-pixiu-kv-route"]
+            engines.add(r.headers["x-pixiu-kv-endpoint"])
+        assert len(engines) == 1
+
+
+async def test_routing_off_keeps_the_reference_behaviour() -> None:
+    async with stack() as (_fleet, _gw, kv_filter, http):
+        assert kv_filter.kv.decider is None
+        _engine, route, _cached = await complete(http, LONG)
+        assert "reason=no_tokens" in route
+
+
+async def test_an_error_answer_still_releases_its_reservation() -> None:
+    async with stack(ROUTING) as (_fleet, _gw, kv_filter, http):
+        router = decider(kv_filter)
+        r = await http.post("/v1/completions", json={"model": MODEL, "prompt": LONG, "max_tokens": -5})
+        assert r.status_code == 400
+        await wait_until(lambda: router.stats().pending == 0)
+        assert all(e.outstanding == 0 for e in router.stats().endpoints)
