@@ -26,7 +26,6 @@ class ResponseTracker:
     finished: bool = False
     status: int = 0
     bytes_out: int = 0
-    first_byte_at: float | None = None
 
     async def send(self, message: Any) -> None:
         kind = message["type"]

@@ -175,3 +175,21 @@ def test_sim_and_bench_are_delegated(command: str, capsys: pytest.CaptureFixture
         main([command, "--help"])
     assert info.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+async def test_serve_without_config_runs_the_embedded_fleet_with_the_kvcache_filter() -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "PIXIU_KV_CONFIG"}
+    process = await _run_until_ready([str(VENV_BIN / "pixiu-kv"), "serve", "--port", str(port)], env, url)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=20.0) as http:
+            models = (await http.get("/v1/models")).json()["data"]
+            body = {"model": models[0]["id"], "prompt": "the embedded default " * 20, "max_tokens": 2}
+            r = await http.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-pixiu-kv-endpoint"].startswith("engine-")
+            # The kvcache filter ran and explained its decision.
+            assert "reason=" in r.headers["x-pixiu-kv-route"]
+    finally:
+        assert await _stop(process) == 0
