@@ -58,7 +58,7 @@ async def _health_loop(cluster: Cluster, endpoint: Endpoint, clients: EngineClie
     hc = cluster.config.health_check
     url = endpoint.config.address.rstrip("/") + hc.path
     while True:
-        ok = await probe_health(clients.health, url, hc.timeout)
+        ok = await probe_health(clients.health, url, hc.timeout, endpoint.config.api_key)
         if cluster.record_check(endpoint, ok):
             log_event(_log, logging.WARNING if not endpoint.healthy else logging.INFO,
                       "endpoint_health_changed", cluster=cluster.name, endpoint=endpoint.id,

@@ -151,11 +151,15 @@ async def open_engine_clients(config: LlmProxyConfig,
         yield EngineClients(config, pools, base_paths, health, models)
 
 
-async def probe_health(client: httpx.AsyncClient, url: str, within: float) -> bool:
-    """One active health check: a 2xx within ``within`` seconds."""
+async def probe_health(client: httpx.AsyncClient, url: str, within: float, api_key: str = "") -> bool:
+    """One active health check: a 2xx within ``within`` seconds (with the endpoint's key, for
+    engines behind an authenticating front)."""
+    headers = {"accept": "*/*"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
     with trio.move_on_after(within):
         try:
-            response = await client.get(url, headers={"accept": "*/*"})
+            response = await client.get(url, headers=headers)
         except httpx.HTTPError:
             return False
         return 200 <= response.status_code < 300
