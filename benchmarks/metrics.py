@@ -85,16 +85,20 @@ _FALLBACK_WORDS = ("fallback", "miss", "balanc", "none", "default", "skip")
 def classify_route(value: str) -> str:
     """'routed' / 'fallback' / '' from a gateway's routing verdict header value.
 
-    pixiu-kv sends ``reason=...; hinted=<id>|-; used=yes|no; ...``: routed means a hint was
-    given and the request went to the hinted engine. Other values are read by keyword.
+    pixiu-kv sends ``reason=...; hinted=<id>|-; used=yes|no; matched=<tokens>; ...``: routed
+    means a hint was given, the request went to the hinted engine, and the hint rested on a
+    cached prefix (``matched`` > 0 when given). Other values are read by keyword.
     """
     v = value.strip().lower()
     if not v:
         return ""
     fields = dict(part.strip().partition("=")[::2] for part in v.split(";"))
     if "used" in fields:
-        return "routed" if fields["used"] == "yes" and fields.get("hinted", "-") not in ("", "-") \
-            else "fallback"
+        hinted = fields["used"] == "yes" and fields.get("hinted", "-") not in ("", "-")
+        # A pick made on load alone (nothing of the prompt cached anywhere) is balancing,
+        # not cache-aware routing.
+        on_cache = fields.get("matched", "1") not in ("0", "")
+        return "routed" if hinted and on_cache else "fallback"
     if any(w in v for w in _FALLBACK_WORDS):
         return "fallback"
     return "routed"

@@ -44,6 +44,7 @@ __all__ = [
     "gateway_config",
     "open_fleet_process",
     "open_target",
+    "routing_settings",
 ]
 
 TARGET_NAMES = ("direct", "round-robin", "least-request", "seed", "pixiu-kv", "oracle", "sglang", "external")
@@ -134,9 +135,33 @@ def _kvcache_has_routing() -> bool:
     return any(f.name == "routing" for f in attrs.fields(KvCacheConfig))
 
 
+def routing_settings(model: str, engine: dict[str, Any]) -> dict[str, Any]:
+    """The ``routing`` table of the kvcache filter for the ``pixiu-kv`` target.
+
+    The router on, every capability at its recommended default, and the facts an operator
+    knows about their engines: the model's tokenizer (the simulator's), each engine's cache
+    size (GPU plus LMCache tier), and the cost priors at the fleet's speed (the simulated
+    hardware runs ``speed`` times faster than the defaults assume).
+    """
+    speed = float(engine.get("speed", 1.0))
+    return {
+        "enabled": True,
+        "engine_cache_tokens": int(engine.get("gpu_kv_tokens", 0)) + int(engine.get("cpu_tier_tokens", 0)),
+        "prefill_tokens_per_second": PREFILL_TOKENS_PER_S * speed,
+        "cached_tokens_per_second": 400_000.0 * speed,
+        "base_latency": f"{20.0 / speed:.3f}ms",
+        "running_request_cost": f"{2.0 / speed:.3f}ms",
+        "tokenizers": [{"model": model, "path": "builtin:sim"}],
+    }
+
+
 def gateway_config(target: str, engines: Sequence[tuple[str, str]], controller_url: str, *,
-                   model: str = "", prefill_tokens_per_s: float = 10_000.0) -> dict[str, Any]:
-    """The gateway configuration (decoded-TOML form) of a gateway target."""
+                   model: str = "", routing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The gateway configuration (decoded-TOML form) of a gateway target.
+
+    ``routing`` is the kvcache filter's ``routing`` table for ``pixiu-kv`` (see
+    :func:`routing_settings`); it is left out when the configuration does not know it.
+    """
     if target not in GATEWAY_TARGETS:
         raise ValueError(f"{target!r} is not a gateway target")
     lb = "least_request" if target in ("least-request", "pixiu-kv") else "round_robin"
@@ -156,10 +181,8 @@ def gateway_config(target: str, engines: Sequence[tuple[str, str]], controller_u
             "token_cache": {"enabled": True, "max_size": 100_000},
             "lookup_routing_timeout": "50ms",
         }
-        if target == "pixiu-kv" and _kvcache_has_routing():
-            # Every routing capability at its defaults (the recommended settings), with the
-            # cost model's prior set to the engines' real prefill rate.
-            kv["routing"] = {"prefill_tokens_per_second": prefill_tokens_per_s}
+        if target == "pixiu-kv" and routing is not None and _kvcache_has_routing():
+            kv["routing"] = routing
         filters.append({"name": "dgp.filter.ai.kvcache", "config": kv})
     filters.append({"name": "dgp.filter.llm.proxy", "config": {}})
     return {
@@ -378,9 +401,8 @@ async def open_target(name: str, fleet: FleetSettings, *, log_dir: Path | None =
             yield TargetHandle(name, url, info.model, ids, stats_url=stats_url, meter=ProcessMeter(proc.pid),
                                description="SGLang Model Gateway, policy cache_aware")
         else:
-            speed = float(fleet.engine.get("speed", 1.0))
             config = gateway_config(name, info.engines, info.controller_url, model=info.model,
-                                    prefill_tokens_per_s=PREFILL_TOKENS_PER_S * speed)
+                                    routing=routing_settings(info.model, fleet.engine))
             assert gateway is not None and gateway.stdin is not None
             await gateway.stdin.send_all(json.dumps(config).encode() + b"\n")
             proc = gateway

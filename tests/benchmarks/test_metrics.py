@@ -44,6 +44,8 @@ def test_classify_route() -> None:
     assert classify_route("reason=kv_prefix; hinted=e1; used=yes; matched=512") == "routed"
     assert classify_route("reason=kv_prefix; hinted=e1; used=no") == "fallback"
     assert classify_route("reason=no_match; hinted=-; used=no") == "fallback"
+    assert classify_route("reason=load; hinted=e2; used=yes; matched=0; prompt=547") == "fallback"
+    assert classify_route("reason=cache; hinted=e2; used=yes; matched=512; prompt=546") == "routed"
 
 
 def _s(i: int, *, start: float, ttft: float, end: float, endpoint: str, prompt: int, cached: int,

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from benchmarks.report import evaluate_goals, render_summary
-from benchmarks.targets import GATEWAY_TARGETS, gateway_config
+from benchmarks.targets import GATEWAY_TARGETS, gateway_config, routing_settings
 
 
 def _run(workload: str, target: str, **metrics: Any) -> dict[str, Any]:
@@ -57,10 +57,19 @@ def test_gateway_configs_are_valid_gateway_configurations(target: str) -> None:
     from pixiu_kv.config import parse_config
 
     engines = [("engine-0", "http://127.0.0.1:9001"), ("engine-1", "http://127.0.0.1:9002")]
-    config = parse_config(gateway_config(target, engines, "http://127.0.0.1:9100", model="m"))
+    routing = routing_settings("m", {"speed": 0.5, "gpu_kv_tokens": 4096, "cpu_tier_tokens": 4096})
+    config = parse_config(gateway_config(target, engines, "http://127.0.0.1:9100", model="m",
+                                         routing=routing))
     assert [e.id for e in config.clusters[0].endpoints] == ["engine-0", "engine-1"]
     kv = config.kvcache
     if target in ("seed", "pixiu-kv"):
         assert kv is not None and kv.enabled and kv.token_cache.enabled
+        routing_config = getattr(kv, "routing", None)
+        if routing_config is not None:  # the routing table exists in this configuration
+            assert routing_config.enabled == (target == "pixiu-kv")
+            if target == "pixiu-kv":
+                assert routing_config.engine_cache_tokens == 8192
+                assert routing_config.prefill_tokens_per_second == 5000.0
+                assert [t.path for t in routing_config.tokenizers] == ["builtin:sim"]
     else:
         assert kv is None or not kv.enabled
