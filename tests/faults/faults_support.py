@@ -13,6 +13,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import httpx
@@ -234,17 +235,75 @@ def gateway_upstream_sockets(engine_ports: set[int]) -> int:
     return count
 
 
+@attrs.frozen
+class RawResult:
+    status: int
+    body: bytes
+    # The client closed the connection on purpose after the first event.
+    left_early: bool
+
+    @property
+    def done(self) -> bool:
+        return b"data: [DONE]" in self.body
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = bytearray()
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0] or b"0", 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        data = rest[size + 2:]
+    return bytes(out)
+
+
+async def raw_stream(url: str, body: dict[str, Any], *, leave_after_first_event: bool = False,
+                     path: str = "/v1/chat/completions") -> RawResult:
+    """A minimal HTTP/1.1 client (one request per connection): cheap enough to run a
+    thousand at once in the test process, and able to hang up at a precise point."""
+    parts = urlsplit(url)
+    payload = json.dumps(body).encode()
+    conn = await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80)
+    try:
+        await conn.send_all(b"POST " + path.encode() + b" HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n"
+                            b"content-type: application/json\r\ncontent-length: "
+                            + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        received = bytearray()
+        while True:
+            chunk = await conn.receive_some(65536)
+            if not chunk:
+                break
+            received += chunk
+            if leave_after_first_event and b"\ndata: " in received:
+                break
+    finally:
+        await conn.aclose()
+    head, _, rest = bytes(received).partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+    chunked = b"transfer-encoding: chunked" in head.lower()
+    return RawResult(status, _dechunk(rest) if chunked and not leave_after_first_event else rest,
+                     leave_after_first_event)
+
+
+def stack_config(fleet: Fleet, engines: int, *, lmcache_url: str | None = None,
+                 endpoints: Callable[[Fleet], list[tuple[str, str]]] | None = None,
+                 **toml: Any) -> GatewayConfig:
+    cluster_endpoints = (endpoints(fleet) if endpoints is not None
+                         else [(e.instance_id, e.url) for e in fleet.engines[:engines]])
+    assert fleet.controller_url is not None
+    return loads_config(gateway_toml(cluster_endpoints, tokenizer_url=fleet.engines[engines].url,
+                                     lmcache_url=lmcache_url or fleet.controller_url, **toml))
+
+
 @asynccontextmanager
 async def open_stack(engines: int = 2, *, engine_config: EngineConfig = ENGINE,
                      endpoints: Callable[[Fleet], list[tuple[str, str]]] | None = None,
                      client_limits: httpx.Limits | None = None, lmcache_url: str | None = None,
                      **toml: Any) -> AsyncIterator[Stack]:
     async with open_fleet(engines + 1, engine_config) as fleet:
-        cluster_endpoints = (endpoints(fleet) if endpoints is not None
-                             else [(e.instance_id, e.url) for e in fleet.engines[:engines]])
-        assert fleet.controller_url is not None
-        config = loads_config(gateway_toml(cluster_endpoints, tokenizer_url=fleet.engines[engines].url,
-                                           lmcache_url=lmcache_url or fleet.controller_url, **toml))
+        config = stack_config(fleet, engines, lmcache_url=lmcache_url, endpoints=endpoints, **toml)
         async with open_gateway(config) as gateway, httpx.AsyncClient(
                 base_url=gateway.url, timeout=httpx.Timeout(30.0),
                 limits=client_limits or httpx.Limits(max_connections=100)) as client:
