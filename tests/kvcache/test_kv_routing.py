@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import trio
 from kv_fakes import wait_until
 from test_kv_gateway import LONG, MODEL, complete, settle, stack
 
 from pixiu_kv.filters.kvcache import KvCacheFilter
-from pixiu_kv.routing import Router
+from pixiu_kv.routing import EndpointView, Router
+from pixiu_kv.sim import tokenizer as sim_tokenizer
 
 ROUTING = """
 [http_filters.config.routing]
@@ -86,3 +88,30 @@ async def test_an_error_answer_still_releases_its_reservation() -> None:
         assert r.status_code == 400
         await wait_until(lambda: router.stats().pending == 0)
         assert all(e.outstanding == 0 for e in router.stats().endpoints)
+
+
+async def test_hot_prefix_placements_are_pinned_once_on_each_replica() -> None:
+    config = ROUTING + "[http_filters.config.cache_strategy]\nenable_pinning = true\n"
+    async with stack(config) as (fleet, _gw, kv_filter, http):
+        router = decider(kv_filter)
+        engine, _, _ = await complete(http, LONG)  # the engine now holds the prefix
+        await settle(kv_filter, 1)
+        # Traffic on that prefix piling up faster than it is served (no completions): the
+        # router places it on more engines.
+        assert fleet.controller is not None
+        before = fleet.controller.request_count("/pin")
+        views = [EndpointView(e.instance_id, max_in_flight=64) for e in fleet.engines]
+        tokens = sim_tokenizer.tokenize_prompt(LONG)
+        for i in range(40):
+            router.decide(views, [*tokens, *sim_tokenizer.tokenize(f" question {i}")], None, None,
+                          now=trio.current_time())
+        placements = router.hot_placements()
+        assert len({p.endpoint_id for p in placements}) >= 2
+        assert engine in {p.endpoint_id for p in placements}
+        assert fleet.controller is not None
+        # (The filter's own pinning round may run meanwhile: count pins, not this call's.)
+        await kv_filter.kv.pin_hot_prefixes()
+        assert fleet.controller.request_count("/pin") - before >= len(placements)
+        assert await kv_filter.kv.pin_hot_prefixes() == 0  # all pinned: nothing to do
+        tier = fleet.by_id(engine).engine.cpu_tier
+        assert any(tier.is_pinned(key) for key in tier.keys())

@@ -40,7 +40,7 @@ from .prompt import Prompt, extract_prompt
 from .routing import Router, Routing
 from .singleflight import SingleFlight
 from .stats import KvCacheStats
-from .strategy import Action, decide
+from .strategy import DEFAULT_LOCATION, Action, decide
 from .tokens import TokenCache, TokenSeq
 from .transports import Transports
 
@@ -52,6 +52,8 @@ DEFAULT_HTTP_POOL_SIZE = 64
 """Connections per upstream client (routing, background LMCache, tokenizer each have one)."""
 
 _CLOSE_TIMEOUT = 1.0
+# How often the router's hot-prefix placements are checked for pins to make.
+_HOT_PIN_INTERVAL = 2.0
 _Shared = tuple[TokenSeq, LookupResult | None]
 
 
@@ -82,6 +84,45 @@ class KvCache:
         self.decider = DecisionRouter(rc) if rc.enabled else None
         self._local_tokens: LocalTokenizers | None = (
             load_local_tokenizers(rc.tokenizers) if rc.enabled and rc.tokenizers else None)
+        # Hot prefixes pinned where the router placed them: (prefix key, endpoint id).
+        self._hot_pinned: set[tuple[int, str]] = set()
+
+    @property
+    def pins_hot_prefixes(self) -> bool:
+        """The router places hot prefixes and pinning is allowed: keep them pinned there."""
+        return (self.decider is not None and self.config.routing.hot_spread
+                and self.config.cache_strategy.enable_pinning)
+
+    async def pin_hot_prefixes(self) -> int:
+        """Pin through LMCache every hot prefix placement not pinned yet; returns pins made.
+
+        Each call has the background deadline; a failure is retried on the next round.
+        Placements that cooled down are forgotten here (and left to the cache's eviction).
+        """
+        if self.decider is None:
+            return 0
+        now = trio.current_time()
+        placements = self.decider.hot_placements(now)
+        current = {(p.key, p.endpoint_id) for p in placements}
+        self._hot_pinned &= current
+        location = self.config.cache_strategy.pin_location or DEFAULT_LOCATION
+        pinned = 0
+        for placement in placements:
+            target = (placement.key, placement.endpoint_id)
+            tokens = placement.chunk_aligned()
+            if target in self._hot_pinned or not tokens:
+                continue
+            try:
+                await self._background_client.pin(
+                    TokenSeq.from_ids(tokens).json, placement.endpoint_id, location,
+                    breaker=self._background_breaker, deadline=now + self.config.request_timeout)
+            except UpstreamError as exc:
+                log.info("kvcache: pinning hot prefix %x (%d tokens) on %s failed: %s",
+                         placement.key & 0xFFFFFFFF, len(tokens), placement.endpoint_id, exc)
+                continue
+            self._hot_pinned.add(target)
+            pinned += 1
+        return pinned
 
     @property
     def stats(self) -> KvCacheStats:
@@ -266,11 +307,20 @@ async def open_kvcache_core(config: KvCacheConfig, nursery: trio.Nursery, *,
     try:
         if sampler is not None:
             await nursery.start(_run_sampler, sampler, sampler_scope)
+        if kv.pins_hot_prefixes:
+            nursery.start_soon(_run_hot_pinner, kv, sampler_scope)
         yield kv
     finally:
         sampler_scope.cancel()
         with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
             await transports.aclose()
+
+
+async def _run_hot_pinner(kv: KvCache, scope: trio.CancelScope) -> None:
+    with scope:
+        while True:
+            await kv.pin_hot_prefixes()
+            await trio.sleep(_HOT_PIN_INTERVAL)
 
 
 async def _run_sampler(sampler: HostLoadSampler, scope: trio.CancelScope, *,
