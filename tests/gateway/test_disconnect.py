@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 import trio
 from gateway_support import EngineFactory, FakeEngine, client, gateway_config, wait_until
@@ -147,3 +148,44 @@ async def test_background_work_is_cancelled_after_its_grace(start_engine: Engine
         assert (await http.post("/v1/completions", json={"prompt": "p"})).status_code == 200
         with trio.fail_after(10):
             await probe.cancelled.wait()
+
+
+async def test_many_concurrent_streams_with_some_clients_leaving(start_engine: EngineFactory) -> None:
+    """200 streams at once over two engines, every tenth client leaving after its first event:
+    the others complete, and nothing stays open on either engine."""
+    engines = [await start_engine("e0"), await start_engine("e1")]
+    for engine in engines:
+        engine.stream_chunks = 5
+    streams, completed, left = 200, [], []
+    async with open_gateway(gateway_config(engines)) as gw, \
+            client(gw.url, limits=httpx.Limits(max_connections=streams)) as http:
+
+        body = json.dumps({"prompt": "p", "stream": True}).encode()
+
+        async def one(i: int) -> None:
+            if i % 10 == 0:
+                stream = await _open(gw.url)
+                await stream.send_all(_request(body, "slow-0.02"))
+                await _read_until(stream, b"data: {")
+                await stream.aclose()  # gone after the first event
+                left.append(i)
+                return
+            async with http.stream("POST", "/v1/completions", json={"prompt": str(i), "stream": True},
+                                   headers={"x-test-mode": "slow-0.02"}) as r:
+                assert r.status_code == 200
+                lines = [line async for line in r.aiter_lines()]
+            if "data: [DONE]" in lines:
+                completed.append(i)
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(streams):
+                    nursery.start_soon(one, i)
+        assert len(completed) == streams - streams // 10 and len(left) == streams // 10
+        runtime = gw.app.runtime
+        assert runtime is not None
+        endpoints = runtime.clusters["main"].endpoints
+        await wait_until(lambda: all(e.open_requests == 0 for e in engines)
+                         and all(e.in_flight == 0 for e in endpoints))
+    for engine in engines:
+        await _all_closed(engine)
