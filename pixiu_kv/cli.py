@@ -90,8 +90,21 @@ def _serve(path: str | None, host: str | None, port: int | None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"pixiu-kv: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    trio.run(partial(_run_server, config, host, port))
+    failure = ""
+    try:
+        trio.run(partial(_run_server, config, host, port))
+    except* OSError as group:  # e.g. the address is in use
+        failure = "; ".join(str(exc) for exc in _leaves(group))
+    if failure:
+        print(f"pixiu-kv: cannot serve: {failure}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
 
 
 def _override_listener(config: GatewayConfig, host: str | None, port: int | None) -> GatewayConfig:

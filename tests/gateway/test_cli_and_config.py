@@ -193,3 +193,17 @@ async def test_serve_without_config_runs_the_embedded_fleet_with_the_kvcache_fil
             assert "reason=" in r.headers["x-pixiu-kv-route"]
     finally:
         assert await _stop(process) == 0
+
+
+async def test_serve_reports_a_busy_port_and_exits_1(tmp_path: Path) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text(MINIMAL)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = await trio.run_process([str(VENV_BIN / "pixiu-kv"), "serve", "--config", str(path),
+                                         "--port", str(port)], capture_stdout=True, capture_stderr=True,
+                                        check=False)
+    assert result.returncode == 1
+    assert b"cannot serve" in result.stderr and b"in use" in result.stderr
