@@ -126,22 +126,29 @@ class GatewayApp:
         method: str = scope["method"]
         if path in JSON_ENDPOINTS:
             if method != "POST":
-                await send_error(send, _method_not_allowed(path, "POST"))
+                await self._refuse(scope, send, _method_not_allowed(path, "POST"))
                 return
             await self._proxy(scope, receive, send)
             return
         allowed = OWN_ENDPOINTS.get(path)
         if allowed is None:
-            await send_error(send, GatewayError(404, f"no such endpoint: {method} {path}",
-                                                "NotFoundError", code="not_found"))
+            await self._refuse(scope, send, GatewayError(404, f"no such endpoint: {method} {path}",
+                                                         "NotFoundError", code="not_found"))
         elif method != allowed and not (allowed == "GET" and method == "HEAD"):
-            await send_error(send, _method_not_allowed(path, allowed))
+            await self._refuse(scope, send, _method_not_allowed(path, allowed))
         elif path == "/health":
             await send_json(send, 200, {"status": "ok"})
         elif path == "/ready":
             await self._ready(send)
         else:
             await self._models(send)
+
+    async def _refuse(self, scope: Scope, send: ASGISend, error: GatewayError) -> None:
+        """Answer a request the gateway does not serve, with a request id and an access line."""
+        request_id = _request_id(scope["headers"])
+        await send_error(send, error, request_id)
+        log_event(_access_log, logging.INFO, "request", request_id=request_id, method=scope["method"],
+                  path=scope["path"], status=error.status, completed=True)
 
     async def _ready(self, send: ASGISend) -> None:
         runtime = self._runtime

@@ -43,6 +43,7 @@ async def test_bad_requests_are_refused_in_openai_shape(
     async with open_gateway(config) as gw, client(gw.url) as http:
         r = await http.request(method, path, **kwargs)  # type: ignore[arg-type]
         _assert_openai_error(r, status, fragment)
+        assert r.headers["x-request-id"]
         if status == 405:
             assert r.headers["allow"] in ("GET", "POST")
         # The gateway keeps serving after refusing.
