@@ -12,11 +12,14 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
 import httpx
+import hypercorn.config
+import hypercorn.trio
 import psutil
 import trio
 
@@ -213,6 +216,17 @@ class Stack:
             if result.route.get("reason") == "kv_prefix":
                 return result
         raise AssertionError("the prompt was never routed by its cached prefix")
+
+
+async def serve_asgi(nursery: trio.Nursery, app: Any) -> str:
+    """Serve ``app`` on an ephemeral loopback port inside ``nursery``; returns its base URL."""
+    config = hypercorn.config.Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = None
+    stop = trio.Event()
+    binds = await nursery.start(partial(hypercorn.trio.serve, app, config, shutdown_trigger=stop.wait))
+    return str(binds[0])
 
 
 def closed_port_url() -> str:
