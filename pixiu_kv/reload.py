@@ -14,8 +14,9 @@ restart rather than silently ignored.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -74,7 +75,8 @@ def restart_required(old: GatewayConfig, new: GatewayConfig) -> tuple[str, ...]:
 class ConfigReloader(Generic[S]):
     """Owns the current runtime state ``S`` and replaces it on :meth:`reload`.
 
-    ``build(config, previous)`` makes a new runtime state from a validated configuration;
+    ``build(config, previous)`` makes a new runtime state from a validated configuration
+    (it may be a coroutine function, e.g. to open connection pools for new endpoints);
     it receives the previous state so it can carry over what must survive a reload (endpoint
     health, drain marks, connection pools of unchanged endpoints). It must not mutate the
     previous state: on failure, the previous state stays in service untouched. It may raise
@@ -85,7 +87,7 @@ class ConfigReloader(Generic[S]):
     """
 
     def __init__(self, path: str | Path | None, config: GatewayConfig, state: S,
-                 build: Callable[[GatewayConfig, S], S],
+                 build: Callable[[GatewayConfig, S], S | Awaitable[S]],
                  on_swap: Callable[[S, S], None] | None = None,
                  *, load: Callable[[Path], GatewayConfig] = load_config) -> None:
         self._path = Path(path) if path is not None else None
@@ -144,14 +146,16 @@ class ConfigReloader(Generic[S]):
         except trio.TooSlowError:
             return ReloadResult(False, self._generation,
                                 f"{path}: (file) could not be read within {_READ_TIMEOUT:g}s")
-        return self.apply(new_config)
+        return await self.apply(new_config)
 
-    def apply(self, new_config: GatewayConfig) -> ReloadResult:
-        """Build and swap to an already-validated configuration (synchronous: no await between
-        the build and the swap, so nothing observes a half-applied state)."""
+    async def apply(self, new_config: GatewayConfig) -> ReloadResult:
+        """Build the new state, then swap to it in one step (the swap itself never awaits, so
+        no request observes a half-applied configuration). Reloads are serialised by
+        :meth:`reload`; call this directly only for a configuration validated elsewhere."""
         old_config, old_state = self._config, self._state
         try:
-            new_state = self._build(new_config, old_state)
+            built = self._build(new_config, old_state)
+            new_state: S = await built if inspect.isawaitable(built) else built
         except (ConfigError, ValueError) as exc:
             return ReloadResult(False, self._generation, str(exc))
         self._config, self._state = new_config, new_state

@@ -174,3 +174,26 @@ async def test_sighup_reloads_and_sigterm_stops(tmp_path: Path) -> None:
             await stop.wait()
     # handle_signals returned once stop was set: the nursery closed by itself.
     assert reloader.generation == 2
+
+
+async def test_an_async_build_is_awaited_before_the_swap(tmp_path: Path) -> None:
+    path = tmp_path / "gw.toml"
+    write(path, endpoint("a", 9001))
+    config = load_config(path)
+    opened: list[tuple[str, ...]] = []
+
+    async def build_async(new: GatewayConfig, previous: State) -> State:
+        await trio.lowlevel.checkpoint()  # e.g. opening connection pools
+        state = build(new, previous)
+        opened.append(state.endpoint_ids)
+        return state
+
+    reloader = ConfigReloader(path, config, build(config, State(())), build_async)
+    write(path, endpoint("b", 9002))
+    result = await reloader.reload()
+    assert result.ok
+    assert opened == [("b",)]
+    assert reloader.state.endpoint_ids == ("b",)
+    write(path, endpoint("forbidden", 9003))
+    assert not (await reloader.reload()).ok
+    assert reloader.state.endpoint_ids == ("b",)
