@@ -247,6 +247,11 @@ async def _stop(proc: trio.Process) -> None:
     await proc.wait()
 
 
+async def _stop_shielded(proc: trio.Process) -> None:
+    with trio.CancelScope(shield=True):
+        await _stop(proc)
+
+
 @asynccontextmanager
 async def _child(argv: list[str], what: str, log_path: Path | None, *,
                  stdout_to_log: bool = False) -> AsyncIterator[trio.Process]:
@@ -386,6 +391,10 @@ async def open_target(name: str, fleet: FleetSettings, *, log_dir: Path | None =
             gateway = await stack.enter_async_context(
                 _child([sys.executable, "-m", "benchmarks._gateway"], "the gateway", gateway_log))
         info = await stack.enter_async_context(open_fleet_process(settings, log_dir=log_dir))
+        if gateway is not None:
+            # Stop the gateway before the fleet: its pooled connections would otherwise hold
+            # every engine's graceful shutdown open.
+            stack.push_async_callback(_stop_shielded, gateway)
         ids = tuple(eid for eid, _ in info.engines)
         stats_url = info.oracle_url + "/fleet/stats"
         if name == "direct":
