@@ -16,6 +16,7 @@ is bounded by ``request_timeout``; cancelling the spawning scope cancels them at
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,8 +26,8 @@ import trio
 from ...config import KvCacheConfig
 from ...context import RouteHint
 from ...hostload import HostLoad, HostLoadSampler
+from ...routing import PrefixKeys, RoutingInput
 from ...routing import Router as DecisionRouter
-from ...routing import RoutingInput
 from ...routing.local_tokenizer import LocalTokenizers, load_local_tokenizers
 from ...upstream.lmcache import MAX_REPLY_BYTES as LMCACHE_MAX_REPLY_BYTES
 from ...upstream.lmcache import LmCacheClient, LookupResult
@@ -54,6 +55,8 @@ DEFAULT_HTTP_POOL_SIZE = 64
 _CLOSE_TIMEOUT = 1.0
 # How often the router's hot-prefix placements are checked for pins to make.
 _HOT_PIN_INTERVAL = 2.0
+# Prompts whose block keys are kept (~20 KB each for 4k tokens).
+_PREFIX_KEYS_MAX = 1024
 _Shared = tuple[TokenSeq, LookupResult | None]
 
 
@@ -86,6 +89,9 @@ class KvCache:
             load_local_tokenizers(rc.tokenizers) if rc.enabled and rc.tokenizers else None)
         # Hot prefixes pinned where the router placed them: (prefix key, endpoint id).
         self._hot_pinned: set[tuple[int, str]] = set()
+        # Block keys of recently routed prompts (by prompt key): a repeated prompt is routed
+        # without decoding its cached ids or hashing them again.
+        self._prefix_keys: OrderedDict[str, PrefixKeys] = OrderedDict()
 
     @property
     def pins_hot_prefixes(self) -> bool:
@@ -192,9 +198,16 @@ class KvCache:
 
     def _routing_input(self, prompt: Prompt, routing: Routing) -> RoutingInput:
         """Tokens from the token cache, else a local tokenizer; LMCache's matches if looked up."""
-        tokens: list[int] | None = None
-        if routing.tokens is not None:
-            tokens = routing.tokens.ids()
+        tokens: list[int] | PrefixKeys | None = None
+        if routing.tokens is not None and self.decider is not None:
+            tokens = self._prefix_keys.get(prompt.key)
+            if tokens is None:
+                tokens = self.decider.prefix_keys(routing.tokens.ids()).compact()
+                self._prefix_keys[prompt.key] = tokens
+                if len(self._prefix_keys) > _PREFIX_KEYS_MAX:
+                    self._prefix_keys.popitem(last=False)
+            else:
+                self._prefix_keys.move_to_end(prompt.key)
         elif self._local_tokens is not None:
             tokens = self._local_tokens.tokens(prompt.tokenize_body)
         lookup = ({instance: entry.matched for instance, entry in routing.lookup.layout.items()}
