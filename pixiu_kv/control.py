@@ -4,8 +4,9 @@
 gateway's live runtime (read through a callable, so a reload that swaps the runtime is
 seen at once); :func:`snapshot` builds the scrape-time :class:`~pixiu_kv.metrics.StateSnapshot`.
 
-Drain marks live in a :class:`DrainSet` keyed by endpoint id: they survive reloads, and the
-endpoint choice consults them (an endpoint drained is skipped like one cooling down).
+Drain marks are set on the runtime endpoint (``Endpoint.draining``: the endpoint choice skips
+it, its in-flight requests finish) and kept in a :class:`DrainSet` keyed by endpoint id, so a
+reload that builds new endpoints can apply them again (:func:`apply_drains`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .metrics import (
 )
 from .reload import ReloadResult
 
-__all__ = ["DrainSet", "GatewayController", "RuntimeLike", "find_kvcache_stats", "snapshot"]
+__all__ = ["DrainSet", "GatewayController", "RuntimeLike", "apply_drains", "find_kvcache_stats", "snapshot"]
 
 
 class DrainSet:
@@ -67,6 +68,13 @@ class RuntimeLike(Protocol):
     def decode_filters(self) -> Sequence[object]: ...
 
 
+def apply_drains(clusters: Iterable[Cluster], drained: DrainSet) -> None:
+    """Mark the endpoints of freshly built clusters (after a reload) that were drained."""
+    for cluster in clusters:
+        for endpoint in cluster.endpoints:
+            endpoint.draining = endpoint.id in drained
+
+
 def find_kvcache_stats(filters: Iterable[object]) -> KvStatsLike | None:
     """The kvcache filter's stats (``filter.kv.stats``), if that filter is in the chain."""
     for f in filters:
@@ -94,7 +102,7 @@ def snapshot(runtime: RuntimeLike | None, drained: DrainSet, generation: int) ->
 def _endpoint_view(cluster: Cluster, endpoint: Endpoint, now: float, drained: DrainSet) -> dict[str, Any]:
     return {
         "id": endpoint.id, "cluster": cluster.name, "address": endpoint.config.address,
-        "healthy": endpoint.healthy, "draining": endpoint.id in drained,
+        "healthy": endpoint.healthy, "draining": endpoint.draining or endpoint.id in drained,
         "cooling_down": endpoint.cooling_down(now), "in_flight": endpoint.in_flight,
         "max_in_flight": endpoint.max_in_flight, "weight": endpoint.weight,
     }
@@ -152,6 +160,7 @@ class GatewayController:
         if found is None:
             return None
         self._drained.add(endpoint_id)
+        found[1].draining = True
         return _endpoint_view(*found, trio.current_time(), self._drained)
 
     def undrain(self, endpoint_id: str) -> Mapping[str, Any] | None:
@@ -159,6 +168,7 @@ class GatewayController:
         if found is None:
             return None
         self._drained.discard(endpoint_id)
+        found[1].draining = False
         return _endpoint_view(*found, trio.current_time(), self._drained)
 
     async def reload(self) -> ReloadResult:

@@ -164,7 +164,8 @@ def sample_endpoints(clusters: Iterable[ClusterLike], now: float,
     """Endpoint samples from the runtime clusters, for a :class:`StateSnapshot`."""
     return tuple(
         EndpointSample(cluster=c.name, endpoint=e.id, healthy=e.healthy, in_flight=e.in_flight,
-                       max_in_flight=e.max_in_flight, draining=e.id in draining,
+                       max_in_flight=e.max_in_flight,
+                       draining=e.id in draining or bool(getattr(e, "draining", False)),
                        cooling_down=e.cooling_down(now))
         for c in clusters for e in c.endpoints
     )

@@ -82,6 +82,11 @@ async def test_drain_is_shown_and_explained(live: tuple[Stack, httpx.AsyncClient
     assert explained["decision"]["outcome"] == "preferred_unhealthy"
     assert preferred not in explained["decision"]["balanced_among"]
     assert metrics.value("pixiu_kv_endpoint_draining", {"cluster": "fleet", "endpoint": preferred}) == 1.0
+    # The proxy honours it: the prompt's preferred endpoint takes no new request.
+    for _ in range(3):
+        result = await stream_chat(stack.client, chat(text))
+        assert result.status == 200 and result.done
+        assert result.headers["x-pixiu-kv-endpoint"] != preferred
     assert (await admin.post(f"/admin/endpoints/{preferred}/undrain")).json()["draining"] is False
     assert metrics.value("pixiu_kv_endpoint_draining", {"cluster": "fleet", "endpoint": preferred}) == 0.0
 
