@@ -35,11 +35,12 @@ class BackgroundScope:
     The nursery is opened lazily, so a request that starts no background work pays nothing.
     """
 
-    __slots__ = ("_cancel_scope", "_closed", "_done", "_nursery", "_parent")
+    __slots__ = ("_cancel_scope", "_closed", "_done", "_nursery", "_opening", "_parent")
 
     def __init__(self, parent: trio.Nursery) -> None:
         self._parent = parent
         self._nursery: trio.Nursery | None = None
+        self._opening: trio.Event | None = None
         self._cancel_scope = trio.CancelScope()
         self._done = trio.Event()
         self._closed = False
@@ -49,7 +50,17 @@ class BackgroundScope:
         if self._closed:
             return False
         if self._nursery is None:
-            self._nursery = await self._parent.start(self._run)
+            if self._opening is not None:
+                # Another task of this request is opening the nursery: share it.
+                await self._opening.wait()
+            else:
+                self._opening = trio.Event()
+                try:
+                    self._nursery = await self._parent.start(self._run)
+                finally:
+                    self._opening.set()
+            if self._nursery is None or self._closed:
+                return False
         self._nursery.start_soon(fn, *args)
         return True
 
