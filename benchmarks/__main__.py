@@ -164,9 +164,11 @@ async def _one_run(opts: _Options, workload: Workload, plan: FleetPlan, target: 
         request_timeout_s=60.0 if opts.quick else 300.0, stream=opts.stream, seed=opts.seed)
     record: dict[str, Any] = {"workload": workload.name, "target": target, "workload_info": workload_info}
     log_dir = opts.out / "logs" / f"{workload.name}__{target}"
+    t0 = time.monotonic()
     try:
         async with open_target(target, fleet, log_dir=log_dir, external_url=opts.external_url,
                                external_model=opts.external_model, smg=opts.smg) as handle:
+            t1 = time.monotonic()
             settings = attrs.evolve(settings, model=handle.model)
             progress = Progress(workload.request_count, f"{workload.name}/{target}")
             if handle.meter is not None:
@@ -199,6 +201,9 @@ async def _one_run(opts: _Options, workload: Workload, plan: FleetPlan, target: 
                 "timeline": hit_ratio_timeline(result.samples,
                                                bins=min(20, max(3, len(result.samples) // 8))),
             })
+            t2 = time.monotonic()
+        record["timing_s"] = {"startup": round(t1 - t0, 2), "run": round(t2 - t1, 2),
+                              "teardown": round(time.monotonic() - t2, 2)}
     except TargetUnavailable as exc:
         record["unavailable"] = str(exc)
     except Exception as exc:  # one broken target must not lose the others' results

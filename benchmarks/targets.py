@@ -232,13 +232,15 @@ def _log_tail(log_path: Path | None) -> str:
     return log_path.read_text(errors="replace")[-600:]
 
 
-async def _stop(proc: trio.Process) -> None:
+async def _stop(proc: trio.Process, *, stdin_eof: bool = True) -> None:
+    """End a child: our children exit when their stdin closes; others get SIGTERM, then SIGKILL."""
     if proc.stdin is not None:
         with trio.move_on_after(1.0):
             await proc.stdin.aclose()
-    with trio.move_on_after(5.0):
-        await proc.wait()
-        return
+    if stdin_eof:
+        with trio.move_on_after(5.0):
+            await proc.wait()
+            return
     proc.terminate()
     with trio.move_on_after(3.0):
         await proc.wait()
@@ -254,7 +256,7 @@ async def _stop_shielded(proc: trio.Process) -> None:
 
 @asynccontextmanager
 async def _child(argv: list[str], what: str, log_path: Path | None, *,
-                 stdout_to_log: bool = False) -> AsyncIterator[trio.Process]:
+                 stdout_to_log: bool = False, stdin_eof: bool = True) -> AsyncIterator[trio.Process]:
     """A child process with stderr (and, for chatty programs, stdout) in ``log_path``.
 
     An unread stdout pipe would fill up and block the child, so only children that report
@@ -274,7 +276,7 @@ async def _child(argv: list[str], what: str, log_path: Path | None, *,
             yield proc
         finally:
             with trio.CancelScope(shield=True):
-                await _stop(proc)
+                await _stop(proc, stdin_eof=stdin_eof)
     finally:
         if not isinstance(log, int):
             log.close()
@@ -336,7 +338,8 @@ async def _start_smg(stack: AsyncExitStack, smg_path: str, info: FleetInfo,
                 "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prom), "--log-level", "warn"]
         log_path = log_dir / f"smg-{attempt}.log" if log_dir else None
         child = AsyncExitStack()
-        proc = await child.enter_async_context(_child(argv, "smg", log_path, stdout_to_log=True))
+        proc = await child.enter_async_context(_child(argv, "smg", log_path, stdout_to_log=True,
+                                                      stdin_eof=False))
         url = f"http://127.0.0.1:{port}"
         try:
             # smg answers /health before its workers are registered: wait for all of them.
