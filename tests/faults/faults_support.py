@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
+from subprocess import PIPE
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -349,3 +351,48 @@ async def access_log() -> AsyncIterator[RecordingHandler]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+
+
+# -- processes of their own -----------------------------------------------------------------
+
+@attrs.frozen
+class RemoteFleet:
+    engines: tuple[tuple[str, str], ...]
+    controller_url: str
+
+    @property
+    def ports(self) -> set[int]:
+        return {int(url.rsplit(":", 1)[1]) for _, url in self.engines}
+
+
+async def read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
+    while b"\n" not in buffer:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise EOFError("the process closed its output")
+        buffer += chunk
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return line.decode()
+
+
+@asynccontextmanager
+async def run_fleet() -> AsyncIterator[RemoteFleet]:
+    command = [sys.executable, "-m", "pixiu_kv.sim", "--engines", "3", "--speed", "100",
+               "--max-num-seqs", "2048", "--json"]
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(partial_process(command, stdout=PIPE))
+        try:
+            assert process.stdout is not None
+            with trio.fail_after(30):
+                described = json.loads(await read_line(process.stdout, bytearray()))
+            yield RemoteFleet(tuple((e["instance_id"], e["url"]) for e in described["engines"]),
+                              described["controller_url"])
+        finally:
+            process.terminate()
+
+
+def partial_process(command: list[str], **kwargs: Any) -> Any:
+    async def run(task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED) -> None:
+        await trio.run_process(command, check=False, task_status=task_status, **kwargs)
+    return run

@@ -18,8 +18,8 @@ import gc
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from subprocess import PIPE
 from typing import Any
@@ -27,7 +27,16 @@ from typing import Any
 import attrs
 import httpx
 import trio
-from faults_support import access_log, gateway_toml, gateway_upstream_sockets, wait_until
+from faults_support import (
+    RemoteFleet,
+    access_log,
+    gateway_toml,
+    gateway_upstream_sockets,
+    partial_process,
+    read_line,
+    run_fleet,
+    wait_until,
+)
 
 from pixiu_kv.app import open_gateway
 from pixiu_kv.config import GatewayConfig, loads_config
@@ -40,49 +49,6 @@ TOKENS = 3
 TOKEN_DELAY = 8.0
 LIMIT = 150.0
 LOAD_SCRIPT = Path(__file__).with_name("soak_load.py")
-
-
-@attrs.frozen
-class RemoteFleet:
-    engines: tuple[tuple[str, str], ...]
-    controller_url: str
-
-    @property
-    def ports(self) -> set[int]:
-        return {int(url.rsplit(":", 1)[1]) for _, url in self.engines}
-
-
-async def read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
-    while b"\n" not in buffer:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise EOFError("the process closed its output")
-        buffer += chunk
-    line, _, rest = bytes(buffer).partition(b"\n")
-    buffer[:] = rest
-    return line.decode()
-
-
-@asynccontextmanager
-async def run_fleet() -> AsyncIterator[RemoteFleet]:
-    command = [sys.executable, "-m", "pixiu_kv.sim", "--engines", "3", "--speed", "100",
-               "--max-num-seqs", "2048", "--json"]
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(partial_process(command, stdout=PIPE))
-        try:
-            assert process.stdout is not None
-            with trio.fail_after(30):
-                described = json.loads(await read_line(process.stdout, bytearray()))
-            yield RemoteFleet(tuple((e["instance_id"], e["url"]) for e in described["engines"]),
-                              described["controller_url"])
-        finally:
-            process.terminate()
-
-
-def partial_process(command: list[str], **kwargs: Any) -> Any:
-    async def run(task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED) -> None:
-        await trio.run_process(command, check=False, task_status=task_status, **kwargs)
-    return run
 
 
 def soak_config(fleet: RemoteFleet) -> GatewayConfig:
