@@ -47,8 +47,8 @@ class EndpointState(Protocol):
 
 
 class RoutingHook:
-    __slots__ = ("_ctx", "_decided_at", "_finished", "_input", "_router", "_scanner", "_scope",
-                 "_stream", "decision")
+    __slots__ = ("_body_seen", "_ctx", "_decided_at", "_finished", "_input", "_router", "_scanner",
+                 "_scope", "_serving", "_stream", "decision")
 
     def __init__(self, router: Router, routing_input: RoutingInput, ctx: RequestContext) -> None:
         self._router = router
@@ -60,6 +60,8 @@ class RoutingHook:
         self._scanner = UsageScanner()
         self._scope: trio.CancelScope | None = None
         self._finished = False
+        self._body_seen = False
+        self._serving: str | None = None
         self._decided_at = 0.0
         self.decision: Decision | None = None
 
@@ -79,11 +81,16 @@ class RoutingHook:
         return decision
 
     def first_byte(self, endpoint_id: str, now: float) -> None:
-        d = self.decision
-        if d is not None and self._stream and endpoint_id == d.endpoint_id:
-            self._router.on_first_byte(d, now - self._decided_at)
+        """The response head arrived from ``endpoint_id``. A streaming server sends its head
+        before any token, so the first token is the first body chunk (:meth:`feed`)."""
+        self._serving = endpoint_id
 
     def feed(self, chunk: bytes) -> None:
+        if not self._body_seen:
+            self._body_seen = True
+            d = self.decision
+            if d is not None and self._stream and self._serving == d.endpoint_id:
+                self._router.on_first_byte(d, trio.current_time() - self._decided_at)
         self._scanner.feed(chunk)
 
     def done(self, endpoint_id: str, now: float) -> None:
