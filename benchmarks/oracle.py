@@ -79,6 +79,16 @@ def choose(views: Sequence[EngineView], prompt_tokens: int, rates: CostRates) ->
                key=lambda i: (round(predict_ttft(views[i], prompt_tokens, rates), 9), views[i].running, i))
 
 
+class _Entry:
+    """One dispatched request's place in an engine's not-yet-admitted queue (compared by identity)."""
+
+    __slots__ = ("seconds", "tokens")
+
+    def __init__(self, tokens: int, seconds: float) -> None:
+        self.tokens = tokens
+        self.seconds = seconds
+
+
 class _Pending:
     """What the oracle sent to one engine and the engine has not yet taken in."""
 
@@ -87,7 +97,7 @@ class _Pending:
     def __init__(self) -> None:
         self.blocks: Counter[int] = Counter()
         """Blocks of requests in flight: cached by the time a later request prefills."""
-        self.queue: deque[tuple[int, float]] = deque()
+        self.queue: deque[_Entry] = deque()
         """(prompt tokens, predicted prefill seconds) not yet admitted, in dispatch order."""
         self.admitted_seen = 0
 
@@ -96,6 +106,7 @@ class _Pending:
 class Ticket:
     index: int
     blocks: tuple[int, ...]
+    entry: _Entry
 
 
 class OracleRouter:
@@ -121,9 +132,9 @@ class OracleRouter:
         planned = self.engines[index].metrics.prefix_queries
         newly = planned - pending.admitted_seen
         pending.admitted_seen = planned
-        while pending.queue and newly >= pending.queue[0][0]:
-            newly -= pending.queue.popleft()[0]
-        return sum(seconds for _, seconds in pending.queue)
+        while pending.queue and newly >= pending.queue[0].tokens:
+            newly -= pending.queue.popleft().tokens
+        return sum(entry.seconds for entry in pending.queue)
 
     def views(self, tokens: Sequence[int]) -> list[EngineView]:
         from pixiu_kv.sim.lmcache_link import chunk_keys
@@ -173,14 +184,21 @@ class OracleRouter:
         view = views[index]
         seconds = prefill_seconds(len(tokens), view.gpu_hit_tokens, view.cpu_hit_tokens, self.rates)
         pending = self._pending[index]
-        pending.queue.append((len(tokens), seconds))
+        entry = _Entry(len(tokens), seconds)
+        pending.queue.append(entry)
         blocks = tuple(block_hashes(tokens, self.engines[index].config.block_size))
         pending.blocks.update(blocks)
-        return Ticket(index, blocks)
+        return Ticket(index, blocks, entry)
 
     def done(self, ticket: Ticket) -> None:
         """The request's prompt is in the engine's cache (first token) or it failed."""
         pending = self._pending[ticket.index]
+        # Account for what the engine admitted so far; a request still queued here when it
+        # ends was refused before planning (e.g. the engine's queue was full): drop it, or
+        # its prefill would count in the backlog forever.
+        self._unadmitted_s(ticket.index)
+        if ticket.entry in pending.queue:
+            pending.queue.remove(ticket.entry)
         pending.blocks.subtract(ticket.blocks)
         for h in set(ticket.blocks):
             if pending.blocks[h] <= 0:
