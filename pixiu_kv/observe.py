@@ -120,11 +120,22 @@ class RequestObserver:
         hint = ctx.route_hint
         m.route_decided(route_outcome(hint.endpoint_id if hint else None, hint.reason if hint else None,
                                       endpoint))
-        tried = values.get(TRIED_KEY) or []
-        attempts = int(values.get(ATTEMPTS_KEY) or 0)
-        for _ in range(max(0, attempts - len(tried))):
-            m.upstream_retry(tried[-1] if tried else "none")
+        tried: list[str] = values.get(TRIED_KEY) or []
         for _ in range(max(0, len(tried) - 1)):
             m.upstream_failover(cluster)
-        for endpoint_id, kind in values.get(UPSTREAM_FAILURES_KEY) or ():
+        failures = values.get(UPSTREAM_FAILURES_KEY)
+        if failures is None:
+            # Without per-attempt records, retries are attributed to the last endpoint tried.
+            attempts = int(values.get(ATTEMPTS_KEY) or 0)
+            for _ in range(max(0, attempts - len(tried))):
+                m.upstream_retry(tried[-1] if tried else "none")
+            return
+        per_endpoint: dict[str, int] = {}
+        for endpoint_id, kind in failures:
             m.upstream_error(endpoint_id, kind)
+            per_endpoint[endpoint_id] = per_endpoint.get(endpoint_id, 0) + 1
+        if endpoint is not None and completed:
+            per_endpoint[endpoint] = per_endpoint.get(endpoint, 0) + 1
+        for endpoint_id, attempts_here in per_endpoint.items():
+            for _ in range(attempts_here - 1):
+                m.upstream_retry(endpoint_id)

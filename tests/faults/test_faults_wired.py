@@ -22,6 +22,7 @@ from faults_support import (
     raw_stream,
     read_line,
     run_fleet,
+    stream_chat,
     wait_until,
 )
 
@@ -178,3 +179,18 @@ async def test_sighup_reloads_the_serving_process(tmp_path: Path) -> None:
             gateway.send_signal(signal.SIGTERM)
             with trio.fail_after(20):
                 assert await gateway.wait() == 0
+
+
+async def test_upstream_failures_retries_and_failovers_are_counted(stack: Stack) -> None:
+    from pixiu_kv.filters import llm_proxy
+    if not hasattr(llm_proxy, "FAILURES_KEY"):
+        pytest.skip("the LLM proxy does not record failures by kind yet")
+    stack.engine(0).set_faults(dead=True)
+    for i in range(4):
+        result = await stream_chat(stack.client, chat(prompt(f"wired-failover-{i}")))
+        assert result.status == 200 and result.done
+    exposition = (await stack.client.get("/metrics")).text
+    assert metric(exposition, 'pixiu_kv_upstream_errors_total{endpoint="engine-0",kind="status_5xx"}') >= 1
+    assert metric(exposition, 'pixiu_kv_upstream_failovers_total{cluster="fleet"}') >= 1
+    assert metric(exposition, 'pixiu_kv_upstream_retries_total{endpoint="engine-0"}') >= 1
+    stack.engine(0).set_faults(dead=False)

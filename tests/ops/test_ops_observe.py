@@ -56,7 +56,9 @@ async def test_retries_failovers_and_failures_are_counted(nursery: trio.Nursery)
     ctx.route_hint = RouteHint("e1", "kv_prefix", 512, 600)
     observer.finish(ctx, response_started=True, completed=True, status=200)
     assert m.value("pixiu_kv_upstream_failovers_total", {"cluster": "fleet"}) == 1.0
-    assert m.value("pixiu_kv_upstream_retries_total", {"endpoint": "e2"}) == 1.0
+    # Two failed attempts on e1 (one retry there), then e2 served at its first attempt.
+    assert m.value("pixiu_kv_upstream_retries_total", {"endpoint": "e1"}) == 1.0
+    assert m.value("pixiu_kv_upstream_retries_total", {"endpoint": "e2"}) is None
     assert m.value("pixiu_kv_upstream_errors_total", {"endpoint": "e1", "kind": "connect"}) == 1.0
     assert m.value("pixiu_kv_routing_decisions_total", {"outcome": "preferred_unhealthy"}) == 1.0
 
@@ -91,3 +93,11 @@ async def test_timed_decode_records_only_real_lookups(nursery: trio.Nursery) -> 
     assert m.value("pixiu_kv_lookup_duration_seconds_count", {"outcome": "other"}) is None
     outcomes = [lookup_outcome(r) for r in ("kv_prefix", "error", "no_tokens", None)]
     assert outcomes == ["hit", "error", None, None]
+
+
+async def test_without_failure_records_retries_go_to_the_last_endpoint(nursery: trio.Nursery) -> None:
+    m = GatewayMetrics()
+    observer = RequestObserver(m, trio.current_time())
+    ctx = make_ctx(nursery, **{"proxy.endpoint": "e1", "proxy.attempts": 2, "proxy.tried": ["e1"]})
+    observer.finish(ctx, response_started=True, completed=True, status=200)
+    assert m.value("pixiu_kv_upstream_retries_total", {"endpoint": "e1"}) == 1.0
