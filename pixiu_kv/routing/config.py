@@ -124,6 +124,11 @@ class RoutingConfig:
     # Optional local tokenizers, ``[[...routing.tokenizers]]`` tables of ``model`` and ``path``:
     # a Hugging Face ``tokenizer.json``, or ``builtin:sim`` for the simulator's tokenizer.
     tokenizers: tuple[TokenizerSpec, ...] = attrs.field(default=(), validator=_tokenizer_specs)
+    # Without a local tokenizer for the model, a prompt missing from the token cache is
+    # tokenized by the engine (``/tokenize``) on the request path, within the routing budget
+    # (``lookup_routing_timeout``, shared with the LMCache lookup), so its first request and
+    # a conversation's next turn are routed by what the engines hold.
+    tokenize_on_route: bool = True
 
     def __attrs_post_init__(self) -> None:
         if self.max_block_size < self.block_size:
@@ -170,4 +175,5 @@ def read_routing_config(t: Table) -> RoutingConfig:
         max_pending=t.integer("max_pending", d.max_pending, minimum=1),
         reservation_timeout=t.duration("reservation_timeout", d.reservation_timeout, positive=True),
         tokenizers=tuple(pairs),
+        tokenize_on_route=t.flag("tokenize_on_route", d.tokenize_on_route),
     )

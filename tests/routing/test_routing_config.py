@@ -28,11 +28,12 @@ def test_every_switch_and_value_is_read() -> None:
         "hot_spread": False, "hot_threshold": 0.5, "hot_window": "1m", "hot_min_requests": 4,
         "hot_min_tokens": 512, "max_hot_prefixes": 8, "session_affinity": False,
         "session_header": "X-Conversation", "session_load_factor": 1.5, "max_pending": 100,
-        "reservation_timeout": "5m",
+        "reservation_timeout": "5m", "tokenize_on_route": False,
         "tokenizers": [{"model": "m1", "path": "builtin:sim"}, {"model": "m2", "path": "/t.json"}],
     })
     assert cfg.enabled
-    assert (cfg.prefix_index, cfg.cost_model, cfg.hot_spread, cfg.session_affinity) == (False,) * 4
+    assert (cfg.prefix_index, cfg.cost_model, cfg.hot_spread, cfg.session_affinity,
+            cfg.tokenize_on_route) == (False,) * 5
     assert cfg.engine_cache_tokens == 100_000
     assert (cfg.base_latency, cfg.overload_queue_time, cfg.hot_window) == (0.015, 3, 60)
     assert cfg.session_header == "x-conversation"

@@ -75,8 +75,6 @@ class KvCache:
         self._background_client = background_client
         self._breakers = (tokenizer.breaker, routing_breaker, background_breaker)
         self._background_breaker = background_breaker
-        self._router = Router(routing_client, routing_breaker, self._token_cache,
-                              config.lookup_routing_timeout, self._stats)
         self._jobs = BackgroundJobs(config.max_background_jobs, self._stats)
         self._flights: SingleFlight[_Shared] = SingleFlight()
         self._actions = ActionRunner(background_client, background_breaker, config.cache_strategy,
@@ -87,6 +85,12 @@ class KvCache:
         self.decider = DecisionRouter(rc) if rc.enabled else None
         self._local_tokens: LocalTokenizers | None = (
             load_local_tokenizers(rc.tokenizers) if rc.enabled and rc.tokenizers else None)
+        # First sight on the routing path: the engine's /tokenize, one call per prompt in flight.
+        self._route_tokenize: SingleFlight[TokenSeq] = SingleFlight()
+        first_sight = (self._tokenize_for_routing
+                       if rc.enabled and rc.tokenize_on_route and self._token_cache is not None else None)
+        self._router = Router(routing_client, routing_breaker, self._token_cache,
+                              config.lookup_routing_timeout, self._stats, first_sight)
         # Hot prefixes pinned where the router placed them: (prefix key, endpoint id).
         self._hot_pinned: set[tuple[int, str]] = set()
         # Block keys of recently routed prompts (by prompt key): a repeated prompt is routed
@@ -139,7 +143,7 @@ class KvCache:
             s.token_cache_hits, s.token_cache_misses = cache.hits, cache.misses
             s.token_cache_size, s.token_cache_bytes = len(cache), cache.bytes
         s.hot_keys = len(self._hotness)
-        s.single_flight_joined = self._flights.joined
+        s.single_flight_joined = self._flights.joined + self._route_tokenize.joined
         s.background_running = self._jobs.running
         s.breakers = {b.name: b.state.value for b in self._breakers}
         return s
@@ -195,6 +199,20 @@ class KvCache:
                 return routing.hint, routing_input
         await self._jobs.start(spawn, self._manage, prompt, hot_count, routing, actions)
         return routing.hint, routing_input
+
+    async def _tokenize_for_routing(self, prompt: Prompt, deadline: float) -> TokenSeq | None:
+        """The engine's tokens of a prompt missing from the token cache, for routing now.
+
+        Skipped when a local tokenizer serves the model (it costs no round trip) or the
+        tokenizer's breaker is open. Concurrent identical prompts share one call; the caller's
+        budget scope bounds the wait, and the tokens land in the token cache for later.
+        """
+        local = self._local_tokens
+        if local is not None and prompt.model in local:
+            return None
+        if self._tokenizer.breaker.state is BreakerState.OPEN:
+            return None
+        return await self._route_tokenize.run(prompt.key, lambda: self._tokenize(prompt, deadline))
 
     def _routing_input(self, prompt: Prompt, routing: Routing) -> RoutingInput:
         """Tokens from the token cache, else a local tokenizer; LMCache's matches if looked up."""

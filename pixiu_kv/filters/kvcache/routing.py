@@ -2,14 +2,16 @@
 
 It runs on the request path, so it never outlives its budget (``lookup_routing_timeout``)
 and costs nothing when the controller is known to be down (its breaker is open). Tokens
-come only from the local token cache: a prompt seen for the first time is not routed
-(Pixiu's behaviour). :meth:`Router.tokens_for_routing` is the one place where a
-first-sight tokenization would be added.
+come from the local token cache; on a miss, and only when a ``first_sight`` tokenizer is
+given (the router's ``tokenize_on_route``), the engine's ``/tokenize`` is asked within the
+same budget, so the budget covers tokenize and lookup together. Without it a prompt seen
+for the first time is not routed (Pixiu's behaviour).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -27,11 +29,14 @@ from .prompt import Prompt
 from .stats import KvCacheStats, LookupOutcome
 from .tokens import TokenCache, TokenSeq
 
-__all__ = ["ROUTED_REASON", "Router", "Routing"]
+__all__ = ["ROUTED_REASON", "FirstSight", "Router", "Routing"]
 
 log = logging.getLogger("pixiu_kv.kvcache")
 
 ROUTED_REASON = "kv_prefix"
+
+FirstSight = Callable[[Prompt, float], Awaitable[TokenSeq | None]]
+"""Tokens of a prompt the token cache does not hold, by ``deadline`` (None: none to be had)."""
 
 
 @attrs.frozen(slots=True)
@@ -45,11 +50,12 @@ class Routing:
 
 
 class Router:
-    __slots__ = ("_breaker", "_budget", "_client", "_stats", "_token_cache")
+    __slots__ = ("_breaker", "_budget", "_client", "_first_sight", "_stats", "_token_cache")
 
     def __init__(self, client: LmCacheClient, breaker: CircuitBreaker, token_cache: TokenCache | None,
-                 budget: float, stats: KvCacheStats) -> None:
+                 budget: float, stats: KvCacheStats, first_sight: FirstSight | None = None) -> None:
         self._client = client
+        self._first_sight = first_sight
         self._breaker = breaker
         self._token_cache = token_cache
         self._budget = budget
@@ -64,20 +70,32 @@ class Router:
 
     async def route(self, prompt: Prompt) -> Routing:
         tokens = self.tokens_for_routing(prompt)
+        deadline = trio.current_time() + self._budget
+        # A lookup cut by the budget counts against the controller only when the controller
+        # had the whole budget (not what a tokenize before it left).
+        budget_is_lookups = tokens is not None
         if tokens is None:
-            return self._done("no_tokens", prompt, None, None)
+            if self._first_sight is None:
+                return self._done("no_tokens", prompt, None, None)
+            # First sight: the engine's tokens within the same budget as the lookup after it.
+            with trio.move_on_at(deadline) as scope:
+                tokens = await self._first_sight(prompt, deadline)
+            if tokens is None or tokens.count == 0:
+                if scope.cancelled_caught:
+                    log.info("kvcache: tokenize for routing took over %.0f ms (prompt %s, %d chars)",
+                             self._budget * 1000, prompt.key[:12], prompt.size)
+                return self._done("no_tokens", prompt, None, None)
         if self._breaker.state is BreakerState.OPEN:
             # Known down: no scope, no request, no exception. A half-open breaker goes on.
             return self._done("breaker_open", prompt, tokens, None)
         lookup: LookupResult | None = None
         outcome: LookupOutcome = "error"
         error: UpstreamError | None = None
-        deadline = trio.current_time() + self._budget
         with trio.move_on_at(deadline) as scope:
             try:
                 # The budget is this scope; a lookup it cuts counts against the routing breaker.
                 lookup = await self._client.lookup(tokens.json, breaker=self._breaker, deadline=deadline,
-                                                   cancel_is_failure=True, bounded=True)
+                                                   cancel_is_failure=budget_is_lookups, bounded=True)
             except BreakerOpenError:
                 outcome = "breaker_open"
             except UpstreamTimeout:
