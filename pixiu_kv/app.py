@@ -19,7 +19,7 @@ import os
 import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -33,12 +33,18 @@ from ._asgi import ResponseTracker, read_body, send_error, send_json
 from ._headers import header_value
 from ._routing import JSON_ENDPOINTS, OWN_ENDPOINTS, is_json_content_type
 from ._runtime import Runtime, open_runtime
+from .admin import AdminApp, send_metrics
 from .chain import ASGIReceive, ASGISend, DecodeFilter
 from .config import GatewayConfig, load_config
 from .context import BackgroundScope, RequestContext
+from .control import DrainSet, GatewayController, apply_drains, snapshot
 from .errors import GatewayError
 from .filters.llm_proxy import ATTEMPTS_KEY, ENDPOINT_KEY, TRIED_KEY, TTFB_KEY
 from .logs import log_event
+from .metrics import GatewayMetrics
+from .observe import RequestObserver, timed_decode
+from .reload import ConfigReloader, ReloadResult
+from .runtime_host import RuntimeHost
 
 __all__ = ["BACKGROUND_GRACE_KEY", "CONFIG_ENV", "GatewayApp", "RunningGateway", "create_app",
            "hypercorn_config", "open_gateway", "serve"]
@@ -74,16 +80,46 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 class GatewayApp:
     """The ASGI callable. One instance serves one configuration."""
 
-    def __init__(self, config: GatewayConfig, *, decode_filters: Sequence[DecodeFilter] = ()) -> None:
+    def __init__(self, config: GatewayConfig, *, decode_filters: Sequence[DecodeFilter] = (),
+                 config_path: str | None = None) -> None:
         self.config = config
         self._extra_filters = tuple(decode_filters)
-        self._runtime: Runtime | None = None
         self._active = 0
+        self.metrics = GatewayMetrics()
+        self.drained = DrainSet()
+        # Runtime generations: a reload opens a new one beside the current one; a request
+        # keeps the runtime it started with (see runtime_host.py).
+        self._host: RuntimeHost[Runtime] = RuntimeHost(
+            partial(open_runtime, extra_filters=self._extra_filters),
+            retire_timeout=max(config.listener.graceful_timeout, 1.0),
+            prepare=lambda runtime: apply_drains(runtime.clusters.values(), self.drained))
+        self._reloader: ConfigReloader[Runtime | None] = ConfigReloader(
+            config_path, config, None, self._build_runtime)
+        self.metrics.set_state_source(
+            lambda: snapshot(self._runtime, self.drained, self._reloader.generation))
+        self.control = GatewayController(lambda: self._runtime, self.drained,
+                                         reload=self.reload if config_path else None,
+                                         generation=lambda: self._reloader.generation)
 
     @property
     def runtime(self) -> Runtime | None:
         """The running state (None outside the server's lifespan)."""
-        return self._runtime
+        return self._host.current
+
+    @property
+    def _runtime(self) -> Runtime | None:
+        return self._host.current
+
+    async def reload(self) -> ReloadResult:
+        """Re-read the configuration file and swap to it (SIGHUP, ``POST /admin/reload``)."""
+        result = await self._reloader.reload()
+        if result.ok:
+            self.config = self._reloader.config
+        self.metrics.reload_finished(result.ok)
+        return result
+
+    async def _build_runtime(self, config: GatewayConfig, _previous: Runtime | None) -> Runtime:
+        return await self._host.replace(config)
 
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         kind = scope["type"]
@@ -102,17 +138,17 @@ class GatewayApp:
             return
         started = False
         try:
-            async with open_runtime(self.config, self._extra_filters) as runtime:
-                self._runtime = runtime
+            async with trio.open_nursery() as nursery:
+                await nursery.start(partial(self._host.run, self.config))
                 started = True
                 await send({"type": "lifespan.startup.complete"})
                 log_event(_log, logging.INFO, "gateway_started",
                           clusters=[c.name for c in self.config.clusters])
                 while (await receive())["type"] != "lifespan.shutdown":
                     pass
-                self._runtime = None
+                # Closes every runtime generation: background work cancelled, pools closed.
+                nursery.cancel_scope.cancel()
         except Exception as exc:
-            self._runtime = None
             kind = "lifespan.shutdown.failed" if started else "lifespan.startup.failed"
             _log.exception("lifespan failed")
             await send({"type": kind, "message": f"{type(exc).__name__}: {exc}"})
@@ -124,6 +160,12 @@ class GatewayApp:
     async def _http(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         path: str = scope["path"]
         method: str = scope["method"]
+        if path == "/metrics":
+            if method not in ("GET", "HEAD"):
+                await send_error(send, _method_not_allowed(path, "GET"))
+            else:
+                await send_metrics(send, self.metrics)
+            return
         if path in JSON_ENDPOINTS:
             if method != "POST":
                 await self._refuse(scope, send, _method_not_allowed(path, "POST"))
@@ -203,14 +245,17 @@ class GatewayApp:
     async def _proxy(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         request_id = _request_id(headers)
-        tracker = ResponseTracker(send)
         ctx: RequestContext | None = None
         started_at = trio.current_time()
+        observer = RequestObserver(self.metrics, started_at)
+        tracker = ResponseTracker(observer.wrap_send(send))
         body_size = 0
+        uses = ExitStack()
         try:
-            runtime = self._runtime
-            if runtime is None:
+            if self._host.current is None:
                 raise _not_started()
+            # This request keeps this runtime until it ends, even if a reload swaps it.
+            runtime = uses.enter_context(self._host.use())
             listener = self.config.listener
             if self._active >= listener.max_concurrent_requests:
                 raise GatewayError(503, "the gateway is at its concurrent request limit "
@@ -248,6 +293,9 @@ class GatewayApp:
             if not tracker.started:
                 await send_error(tracker.send, error, request_id)
         finally:
+            uses.close()
+            observer.finish(ctx, response_started=tracker.started, completed=tracker.finished,
+                            status=tracker.status)
             self._log_access(scope, request_id, ctx, tracker, started_at, body_size)
 
     async def _chain(self, runtime: Runtime, ctx: RequestContext, receive: ASGIReceive,
@@ -273,7 +321,7 @@ class GatewayApp:
         try:
             for f in runtime.decode_filters:
                 try:
-                    await f.decode(ctx)
+                    await timed_decode(f, ctx, self.metrics)
                 except GatewayError:
                     raise
                 except Exception:
@@ -354,7 +402,7 @@ def _not_started() -> GatewayError:
 
 
 def create_app(config: GatewayConfig | None = None, *,
-               decode_filters: Sequence[DecodeFilter] = ()) -> GatewayApp:
+               decode_filters: Sequence[DecodeFilter] = (), config_path: str | None = None) -> GatewayApp:
     """The gateway's ASGI app. Without a config, the file named by ``$PIXIU_KV_CONFIG`` is read.
 
     ``decode_filters`` run after the configured ones, before the proxy (embedding and tests).
@@ -364,7 +412,8 @@ def create_app(config: GatewayConfig | None = None, *,
         if not path:
             raise RuntimeError(f"create_app() needs a GatewayConfig or ${CONFIG_ENV} naming a TOML file")
         config = load_config(path)
-    return GatewayApp(config, decode_filters=decode_filters)
+        config_path = config_path or path
+    return GatewayApp(config, decode_filters=decode_filters, config_path=config_path)
 
 
 def hypercorn_config(config: GatewayConfig, *, host: str | None = None,
@@ -395,23 +444,39 @@ def hypercorn_config(config: GatewayConfig, *, host: str | None = None,
 class RunningGateway:
     url: str
     app: GatewayApp
+    admin_url: str | None = None
 
 
 async def serve(config: GatewayConfig, *, host: str | None = None, port: int | None = None,
                 decode_filters: Sequence[DecodeFilter] = (),
                 shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
+                config_path: str | None = None,
                 task_status: trio.TaskStatus[RunningGateway] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the gateway with hypercorn until ``shutdown_trigger`` returns (graceful stop).
 
     ``task_status.started`` reports the bound base URL (useful with port 0).
     """
-    app = create_app(config, decode_filters=decode_filters)
+    app = create_app(config, decode_filters=decode_filters, config_path=config_path)
     hc = hypercorn_config(config, host=host, port=port)
     trigger = shutdown_trigger or trio.sleep_forever
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(partial(hypercorn_serve, app, hc,  # type: ignore[arg-type]
                                                        shutdown_trigger=trigger))
-        task_status.started(RunningGateway(url=binds[0], app=app))
+        admin_url: str | None = None
+        if config.admin.enabled:
+            # Its own listener (127.0.0.1 by default), never the public one.
+            admin = AdminApp(app.control, token=config.admin.token, metrics=app.metrics)
+            ahc = HypercornConfig()
+            ahost = config.admin.host
+            ahc.bind = [f"[{ahost}]:{config.admin.port}" if ":" in ahost else f"{ahost}:{config.admin.port}"]
+            ahc.accesslog = None
+            ahc.errorlog = logging.getLogger("pixiu_kv.server")
+            ahc.graceful_timeout = 1.0
+            ahc.include_server_header = False
+            admin_binds: list[str] = await nursery.start(partial(
+                hypercorn_serve, admin, ahc, shutdown_trigger=trigger))  # type: ignore[arg-type]
+            admin_url = admin_binds[0]
+        task_status.started(RunningGateway(url=binds[0], app=app, admin_url=admin_url))
 
 
 @asynccontextmanager

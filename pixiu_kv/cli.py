@@ -92,7 +92,7 @@ def _serve(path: str | None, host: str | None, port: int | None) -> int:
         return 2
     failure = ""
     try:
-        trio.run(partial(_run_server, config, host, port))
+        trio.run(partial(_run_server, config, host, port, path))
     except* OSError as group:  # e.g. the address is in use
         failure = "; ".join(str(exc) for exc in _leaves(group))
     if failure:
@@ -116,7 +116,8 @@ def _override_listener(config: GatewayConfig, host: str | None, port: int | None
     return attrs.evolve(config, listener=attrs.evolve(config.listener, **changes)) if changes else config
 
 
-async def _run_server(config: GatewayConfig | None, host: str | None, port: int | None) -> None:
+async def _run_server(config: GatewayConfig | None, host: str | None, port: int | None,
+                      path: str | None = None) -> None:
     from .app import serve
     from .logs import configure_logging
     from .signals import handle_signals
@@ -125,8 +126,18 @@ async def _run_server(config: GatewayConfig | None, host: str | None, port: int 
         configure_logging(effective.log)
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(handle_signals, stop=stop))
-            running = await nursery.start(partial(serve, effective, shutdown_trigger=stop.wait))
+            apps: list[Any] = []
+
+            async def reload() -> object:
+                # SIGHUP before the app exists (startup) is ignored.
+                return await apps[0].reload() if apps else None
+
+            await nursery.start(partial(handle_signals, stop=stop, reload=reload if path else None))
+            running = await nursery.start(partial(serve, effective, shutdown_trigger=stop.wait,
+                                                  config_path=path))
+            apps.append(running.app)
+            if running.admin_url:
+                print(f"pixiu-kv admin API on {running.admin_url}", flush=True)
             print(f"pixiu-kv gateway listening on {running.url}", flush=True)
 
 

@@ -22,7 +22,7 @@ def _assert_openai_error(r: httpx.Response, status: int, fragment: str) -> None:
 
 @pytest.mark.parametrize(("method", "path", "kwargs", "status", "fragment"), [
     ("POST", "/v1/nope", {"json": {}}, 404, "no such endpoint: POST /v1/nope"),
-    ("GET", "/metrics", {}, 404, "no such endpoint"),
+    ("GET", "/admin/endpoints", {}, 404, "no such endpoint"),
     ("GET", "/v1/completions", {}, 405, "use POST"),
     ("PUT", "/v1/chat/completions", {"json": {}}, 405, "use POST"),
     ("POST", "/health", {}, 405, "use GET"),
