@@ -46,6 +46,8 @@ ENDPOINT_KEY: Final = "proxy.endpoint"
 ATTEMPTS_KEY: Final = "proxy.attempts"
 TRIED_KEY: Final = "proxy.tried"
 TTFB_KEY: Final = "proxy.ttfb"
+# (endpoint id, kind) per failed attempt; kinds as in pixiu_kv.metrics.UPSTREAM_ERROR_KINDS.
+FAILURES_KEY: Final = "proxy.failures"
 
 
 @attrs.frozen
@@ -156,6 +158,7 @@ class LlmProxyFilter:
             try:
                 response = await self._clients.send(endpoint, ctx.method, target, headers, ctx.body)
                 if response.status in RETRYABLE_STATUS:
+                    _failed(ctx, endpoint, "status_429" if response.status == 429 else "status_5xx")
                     body = await _read_bounded(response, ERROR_BODY_LIMIT)
                     return _Answered(endpoint.id, response.status, response.headers, body)
                 ctx.values[TTFB_KEY] = self._clock() - ctx.started_at
@@ -190,16 +193,20 @@ class LlmProxyFilter:
             except UpstreamConnectError as exc:
                 # Passive health: an engine that refuses connections counts as failing checks.
                 cluster.record_connect_failure(endpoint)
+                _failed(ctx, endpoint, "connect")
                 return _Unreachable(endpoint.id, str(exc))
             except UpstreamError as exc:
                 if response is None or not started:
+                    _failed(ctx, endpoint, "reset_before_first_byte")
                     return _Unreachable(endpoint.id, str(exc))
+                _failed(ctx, endpoint, "reset_after_first_byte")
                 await _end_cut_stream(response.headers, send, f"endpoint {endpoint.id} failed mid-stream")
                 return _DONE
             finally:
                 if response is not None:
                     response.close()
         # The scope's own deadline fired.
+        _failed(ctx, endpoint, "timeout")
         if not started or response is None:
             return _TIMED_OUT
         await _end_cut_stream(response.headers, send, f"endpoint {endpoint.id} went idle for "
@@ -231,6 +238,14 @@ class LlmProxyFilter:
                                 code="endpoints_full", headers=((b"retry-after", b"1"),))
         return GatewayError(503, f"cluster {cluster.name} has no healthy endpoint",
                             "service_unavailable", code="no_healthy_endpoint")
+
+
+def _failed(ctx: RequestContext, endpoint: Endpoint, kind: str) -> None:
+    """Note a failed upstream attempt for the metrics (``pixiu_kv_upstream_errors_total``)."""
+    failures = ctx.values.get(FAILURES_KEY)
+    if failures is None:
+        ctx.values[FAILURES_KEY] = failures = []
+    failures.append((endpoint.id, kind))
 
 
 def _route_header(ctx: RequestContext, endpoint: Endpoint) -> tuple[tuple[bytes, bytes], ...]:
