@@ -172,7 +172,7 @@ class LlmProxyFilter:
                     "status": response.status,
                     "headers": response_headers_for_client(
                         response.headers, request_id=ctx.request_id, endpoint_id=endpoint.id,
-                        extra=_route_header(ctx, endpoint)),
+                        extra=_route_header(ctx, endpoint.id)),
                 })
                 started = True
                 idle = self.config.idle_timeout
@@ -217,7 +217,8 @@ class LlmProxyFilter:
         ctx.values[ENDPOINT_KEY] = answer.endpoint_id
         headers = [(k, v) for k, v in answer.headers if k.lower() != b"content-length"]
         out = response_headers_for_client(headers, request_id=ctx.request_id,
-                                          endpoint_id=answer.endpoint_id)
+                                          endpoint_id=answer.endpoint_id,
+                                          extra=_route_header(ctx, answer.endpoint_id))
         out.append((b"content-length", str(len(answer.body)).encode()))
         await send({"type": "http.response.start", "status": answer.status, "headers": out})
         await send({"type": "http.response.body", "body": answer.body, "more_body": False})
@@ -248,16 +249,22 @@ def _failed(ctx: RequestContext, endpoint: Endpoint, kind: str) -> None:
     failures.append((endpoint.id, kind))
 
 
-def _route_header(ctx: RequestContext, endpoint: Endpoint) -> tuple[tuple[bytes, bytes], ...]:
+def _route_header(ctx: RequestContext, endpoint_id: str) -> tuple[tuple[bytes, bytes], ...]:
+    """``x-pixiu-kv-route`` on every proxied response: why the request went where it went.
+
+    ``reason=no_hint`` when no filter preferred an endpoint (the cluster's policy chose).
+    """
     hint = ctx.route_hint
     if hint is None:
-        return ()
+        return ((b"x-pixiu-kv-route", f"reason=no_hint; hinted=-; used=no; endpoint={endpoint_id}"
+                 .encode("latin-1", "replace")),)
     parts = [f"reason={hint.reason}", f"hinted={hint.endpoint_id or '-'}",
-             f"used={'yes' if hint.endpoint_id == endpoint.id else 'no'}"]
+             f"used={'yes' if hint.endpoint_id == endpoint_id else 'no'}"]
     if hint.matched_tokens is not None:
         parts.append(f"matched={hint.matched_tokens}")
     if hint.prompt_tokens is not None:
         parts.append(f"prompt={hint.prompt_tokens}")
+    parts.append(f"endpoint={endpoint_id}")
     return ((b"x-pixiu-kv-route", "; ".join(parts).encode("latin-1", "replace")),)
 
 

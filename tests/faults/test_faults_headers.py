@@ -14,7 +14,7 @@ import hypercorn.config
 import hypercorn.trio
 import pytest
 import trio
-from faults_support import Stack, chat, open_stack, stream_chat
+from faults_support import Stack, chat, open_stack, prompt, stream_chat
 
 from pixiu_kv.sim.fleet import Fleet
 
@@ -153,3 +153,22 @@ async def test_request_id_must_be_a_plain_token(stack: Stack) -> None:
     bad = await stack.client.post("/v1/chat/completions", json=chat("x", stream=False),
                                   headers={"x-request-id": "<script>alert(1)</script> x"})
     assert re.fullmatch(r"[0-9a-f]{24}", bad.headers["x-request-id"])
+
+
+async def test_every_proxied_response_explains_its_route() -> None:
+    async with open_stack(kvcache=False) as stack:
+        result = await stream_chat(stack.client, chat("no filter, no hint"))
+        assert result.status == 200
+        assert result.route == {"reason": "no_hint", "hinted": "-", "used": "no",
+                                "endpoint": result.headers["x-pixiu-kv-endpoint"]}
+    async with open_stack() as stack:
+        text = prompt("explained")
+        routed = await stack.warm(text)
+        assert routed.route["endpoint"] == routed.route["hinted"] == routed.headers["x-pixiu-kv-endpoint"]
+        assert int(routed.route["prompt"]) > int(routed.route["matched"]) > 0
+        # An engine answer passed on after failover carries it too.
+        for index in (0, 1):
+            stack.engine(index).set_faults(dead=True)
+        response = await stack.client.post("/v1/chat/completions", json=chat(text, stream=False))
+        assert response.status_code == 503
+        assert "reason=" in response.headers["x-pixiu-kv-route"]

@@ -21,7 +21,8 @@ async def test_preferred_endpoint_wins_over_load_balancing(start_engine: EngineF
     async with open_gateway(gateway_config(engines), decode_filters=[prefer]) as gw, client(gw.url) as http:
         assert [await _served_by(http, prefer="e2") for _ in range(5)] == ["e2"] * 5
         r = await http.post("/v1/completions", json={"prompt": "p", "prefer": "e1"})
-        assert r.headers["x-pixiu-kv-route"] == "reason=test; hinted=e1; used=yes; matched=5; prompt=9"
+        assert r.headers["x-pixiu-kv-route"] == ("reason=test; hinted=e1; used=yes; matched=5; prompt=9; "
+                                                 "endpoint=e1")
 
 
 async def test_hint_never_leaks_across_keep_alive_requests(start_engine: EngineFactory) -> None:
