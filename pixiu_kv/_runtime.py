@@ -9,7 +9,7 @@ work stop), then the pools close.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -54,7 +54,8 @@ async def _open_kvcache(config: KvCacheConfig, nursery: trio.Nursery,
     return kv_filter
 
 
-async def _health_loop(cluster: Cluster, endpoint: Endpoint, clients: EngineClients) -> None:
+async def _health_loop(cluster: Cluster, endpoint: Endpoint, clients: EngineClients,
+                       on_down: Callable[[str], None] = lambda _: None) -> None:
     hc = cluster.config.health_check
     url = endpoint.config.address.rstrip("/") + hc.path
     while True:
@@ -63,7 +64,20 @@ async def _health_loop(cluster: Cluster, endpoint: Endpoint, clients: EngineClie
             log_event(_log, logging.WARNING if not endpoint.healthy else logging.INFO,
                       "endpoint_health_changed", cluster=cluster.name, endpoint=endpoint.id,
                       healthy=endpoint.healthy)
+            if not endpoint.healthy:
+                on_down(endpoint.id)
         await trio.sleep(hc.interval)
+
+
+def _down_notifier(filters: Sequence[DecodeFilter]) -> Callable[[str], None]:
+    """Tells every filter with an ``endpoint_down(endpoint_id)`` hook (the kvcache router:
+    a restarted engine's cache is empty) that an endpoint turned unhealthy."""
+    hooks = [hook for f in filters if callable(hook := getattr(f, "endpoint_down", None))]
+
+    def notify(endpoint_id: str) -> None:
+        for hook in hooks:
+            hook(endpoint_id)
+    return notify
 
 
 @asynccontextmanager
@@ -88,10 +102,11 @@ async def open_runtime(config: GatewayConfig,
                 decode_filters.extend(extra_filters)
                 for f in decode_filters:
                     grace = max(grace, _grace_of(f))
+                on_down = _down_notifier(decode_filters)
                 for cluster in clusters.values():
                     if cluster.config.health_check.enabled:
                         for endpoint in cluster.endpoints:
-                            nursery.start_soon(_health_loop, cluster, endpoint, clients)
+                            nursery.start_soon(_health_loop, cluster, endpoint, clients, on_down)
                 yield Runtime(
                     config=config, clusters=clusters, clients=clients, nursery=nursery,
                     routes=RouteTable(config.routes), decode_filters=decode_filters,

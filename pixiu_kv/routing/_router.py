@@ -125,6 +125,8 @@ class Router:
                                  min_requests=cfg.hot_min_requests, max_hot=cfg.max_hot_prefixes)
                      if cfg.hot_spread else None)
         self._ring = SessionRing()
+        # Endpoints seen down (unhealthy or drained): their cache was forgotten once.
+        self._down: set[str] = set()
         self._states: dict[str, _EndpointState] = {}
         self._id_hashes: dict[str, int] = {}
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
@@ -204,6 +206,8 @@ class Router:
         rows: list[_Row] = []
         best_eligible_real = 0
         for view in endpoints:
+            if view.down is not (view.id in self._down):
+                self._note_down(view.id, view.down)
             if not view.healthy:
                 continue
             endpoint_id = view.id
@@ -411,6 +415,15 @@ class Router:
         """An endpoint's engine restarted: its cache is empty (its learned speed still holds)."""
         if self._index is not None:
             self._index.forget(endpoint_id)
+
+    def _note_down(self, endpoint_id: str, down: bool) -> None:
+        # Seen going down at decision time (a drain, or health checks failing): its engine
+        # may come back empty, so what this gateway believed it holds goes now, once.
+        if down:
+            self._down.add(endpoint_id)
+            self.forget_endpoint(endpoint_id)
+        else:
+            self._down.discard(endpoint_id)
 
     def stats(self) -> RouterStats:
         return RouterStats(

@@ -29,6 +29,9 @@ class EndpointView:
     in_flight: int = attrs.field(default=0, validator=_non_negative_int)
     max_in_flight: int = attrs.field(default=256, validator=attrs.validators.ge(1))
     weight: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    # Failing its health checks or drained by an operator (not merely cooling down after a
+    # refused request): its engine may restart, so what it cached is no longer trusted.
+    down: bool = False
 
     @property
     def full(self) -> bool:

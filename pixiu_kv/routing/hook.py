@@ -43,6 +43,12 @@ class EndpointState(Protocol):
     @property
     def max_in_flight(self) -> int: ...
 
+    @property
+    def healthy(self) -> bool: ...
+
+    @property
+    def draining(self) -> bool: ...
+
     def available(self, now: float) -> bool: ...
 
 
@@ -70,7 +76,8 @@ class RoutingHook:
         if self.decision is not None:
             return self.decision  # one decision per request (a failover is the proxy's choice)
         views = [EndpointView(e.id, healthy=e.available(now), in_flight=e.in_flight,
-                              max_in_flight=e.max_in_flight, weight=e.weight) for e in endpoints]
+                              max_in_flight=e.max_in_flight, weight=e.weight,
+                              down=not e.healthy or e.draining) for e in endpoints]
         inp = self._input
         decision = self._router.decide(views, inp.tokens, inp.lookup, inp.session_key, now)
         self.decision = decision

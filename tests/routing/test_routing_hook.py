@@ -18,6 +18,8 @@ class _Endpoint:
     max_in_flight: int = 64
     weight: int = 1
     up: bool = True
+    healthy: bool = True
+    draining: bool = False
 
     def available(self, now: float) -> bool:
         return self.up

@@ -366,3 +366,44 @@ def test_a_restarted_endpoint_holds_nothing_but_keeps_its_learned_speed() -> Non
     assert router.index is not None
     assert router.index.match(prompt) == {}
     assert {e.endpoint_id: e.samples for e in router.stats().endpoints} == learned
+
+
+# -- endpoints going down ---------------------------------------------------------------
+
+def test_an_endpoint_seen_down_loses_what_it_was_believed_to_hold_once() -> None:
+    router = Router(RoutingConfig(hot_spread=False, session_affinity=False))
+    prompt = _prompt(7, 2048)
+    first = router.decide(_fleet(), prompt, None, None, now=0.0)
+    router.on_complete(first, cached_tokens=None, prompt_tokens=None)
+    holder = first.endpoint_id
+    assert holder is not None
+    # Drained (or failing its checks): its engine may come back empty.
+    drained = [attrs.evolve(v, healthy=False, down=True) if v.id == holder else v for v in _fleet()]
+    away = router.decide(drained, prompt, None, None, now=0.1)
+    assert away.endpoint_id != holder and away.reason == "load"
+    router.on_complete(away, cached_tokens=None, prompt_tokens=None)
+    keys = router.prefix_keys(prompt)
+    assert router.index is not None
+    assert router.index.match(keys) == {away.endpoint_id: 2048}
+    # Back up: nothing is believed about it until it serves the prompt again, and being seen
+    # up forgets nothing that is learned from then on.
+    again = router.decide(_fleet(), prompt, None, None, now=0.2)
+    assert again.endpoint_id == away.endpoint_id and again.reason == "cache"
+    router.on_complete(again, cached_tokens=None, prompt_tokens=None)
+    other = _prompt(8, 2048)
+    back = router.decide([EndpointView(holder, max_in_flight=64)], other, None, None, now=0.3)
+    router.on_complete(back, cached_tokens=None, prompt_tokens=None)
+    router.decide(_fleet(), other, None, None, now=0.4)
+    assert router.index.match(router.prefix_keys(other)).get(holder) == 2048
+
+
+def test_a_cooling_down_endpoint_keeps_its_cache_beliefs() -> None:
+    router = Router(RoutingConfig(hot_spread=False, session_affinity=False))
+    prompt = _prompt(9, 2048)
+    first = router.decide(_fleet(), prompt, None, None, now=0.0)
+    _serve(router, first)
+    holder = first.endpoint_id
+    cooling = [attrs.evolve(v, healthy=False) if v.id == holder else v for v in _fleet()]
+    router.decide(cooling, prompt, None, None, now=0.1)
+    assert router.index is not None
+    assert router.index.match(router.prefix_keys(prompt)).get(holder) == 2048

@@ -42,6 +42,13 @@ class KvCacheFilter:
         """How long the gateway should let background work finish after a response."""
         return self.kv.config.request_timeout
 
+    def endpoint_down(self, endpoint_id: str) -> None:
+        """The gateway saw ``endpoint_id`` turn unhealthy: its engine may restart empty, so
+        the router forgets what it believed that engine holds."""
+        decider = self.kv.decider
+        if decider is not None:
+            decider.forget_endpoint(endpoint_id)
+
     async def decode(self, ctx: RequestContext) -> None:
         # Before anything is spawned, so the gateway always knows the grace of started work.
         ctx.values[BACKGROUND_GRACE] = self.kv.config.request_timeout
