@@ -132,7 +132,9 @@ async def _run_server(config: GatewayConfig | None, host: str | None, port: int 
                 # SIGHUP before the app exists (startup) is ignored.
                 return await apps[0].reload() if apps else None
 
-            await nursery.start(partial(handle_signals, stop=stop, reload=reload if path else None))
+            # SIGHUP is always caught: without a file the reload is refused and logged, rather
+            # than the signal's default action ending the process.
+            await nursery.start(partial(handle_signals, stop=stop, reload=reload))
             running = await nursery.start(partial(serve, effective, shutdown_trigger=stop.wait,
                                                   config_path=path))
             apps.append(running.app)
