@@ -1,10 +1,14 @@
 """A fleet of simulated engines on loopback, optionally with the controller emulator.
 
-``open_fleet`` serves N engines (hypercorn, trio worker, port 0 unless told) inside its
-own nursery, registers each engine's CPU tier with the controller (the in-process
-emulator by default, or any ``chunk_sink_factory``), and stops them all on exit.
-Instance ids are ``engine-0`` .. ``engine-{N-1}``: the LMCache instance id equals the
-gateway endpoint id (the routing contract).
+``open_fleet`` serves N engines (port 0 unless told) inside its own nursery, registers
+each engine's CPU tier with the controller (the in-process emulator by default, or any
+``chunk_sink_factory``), and stops them all on exit. Instance ids are ``engine-0`` ..
+``engine-{N-1}``: the LMCache instance id equals the gateway endpoint id (the routing contract).
+
+Engines are served by the lean trio + h11 server of :mod:`._http_server` by default
+(``server="h11"``): it costs a fraction of hypercorn's CPU per request, so the
+simulator does not distort gateway measurements. ``server="hypercorn"`` serves them
+with hypercorn's trio worker instead.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import attrs
 import hypercorn.config
@@ -20,6 +24,7 @@ import hypercorn.trio
 import hypercorn.typing
 import trio
 
+from ._http_server import HttpServerConfig, serve_asgi
 from .engine import SimEngine
 from .engine_config import EngineConfig
 from .lmcache_link import ChunkSink, WorkerControl
@@ -27,7 +32,13 @@ from .lmcache_link import ChunkSink, WorkerControl
 if TYPE_CHECKING:
     from .controller import ControllerEmulator
 
-__all__ = ["ChunkSinkFactory", "Fleet", "FleetEngine", "open_fleet", "serve_engine"]
+__all__ = ["DEFAULT_SERVER", "ChunkSinkFactory", "Fleet", "FleetEngine", "ServerKind", "open_fleet",
+           "serve_engine"]
+
+ServerKind = Literal["h11", "hypercorn"]
+"""The HTTP server an engine runs on: the lean trio + h11 one, or hypercorn."""
+DEFAULT_SERVER: ServerKind = "h11"
+SERVER_KINDS: tuple[ServerKind, ...] = ("h11", "hypercorn")
 
 ChunkSinkFactory = Callable[[str, WorkerControl], ChunkSink]
 """``(instance_id, worker_control) -> sink`` the engine's CPU tier reports to."""
@@ -73,20 +84,33 @@ def _hypercorn_config(host: str, port: int) -> hypercorn.config.Config:
     return config
 
 
+def _h11_config(host: str, port: int) -> HttpServerConfig:
+    # Same limits as the hypercorn setup: long-lived benchmark connections are never recycled.
+    return HttpServerConfig(host=host, port=port, backlog=4096, max_requests_per_connection=None,
+                            keep_alive_timeout=75.0, graceful_timeout=1.0)
+
+
 @asynccontextmanager
-async def serve_engine(engine: SimEngine, *, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+async def serve_engine(engine: SimEngine, *, host: str = "127.0.0.1", port: int = 0,
+                       server: ServerKind = DEFAULT_SERVER) -> AsyncIterator[str]:
     """Serve one engine until the block exits; yields its base URL."""
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(
-            partial(
-                hypercorn.trio.serve,
-                # A raw ASGI callable; hypercorn's typing wants its own scope/event unions.
-                cast(hypercorn.typing.ASGIFramework, engine),
-                _hypercorn_config(host, port),
-                shutdown_trigger=stop.wait,
+        if server == "h11":
+            binds: list[str] = await nursery.start(
+                partial(serve_asgi, engine, _h11_config(host, port), shutdown_trigger=stop.wait))
+        elif server == "hypercorn":
+            binds = await nursery.start(
+                partial(
+                    hypercorn.trio.serve,
+                    # A raw ASGI callable; hypercorn's typing wants its own scope/event unions.
+                    cast(hypercorn.typing.ASGIFramework, engine),
+                    _hypercorn_config(host, port),
+                    shutdown_trigger=stop.wait,
+                )
             )
-        )
+        else:
+            raise ValueError(f"unknown server {server!r}; expected one of {SERVER_KINDS}")
         try:
             yield binds[0]
         finally:
@@ -119,6 +143,7 @@ async def open_fleet(
     controller: bool = True,
     controller_port: int = 0,
     chunk_sink_factory: ChunkSinkFactory | None = None,
+    server: ServerKind = DEFAULT_SERVER,
 ) -> AsyncIterator[Fleet]:
     """Serve ``count`` engines built from ``config`` (instance ids ``engine-i``).
 
@@ -126,8 +151,11 @@ async def open_fleet(
     ``per_engine`` gives field overrides for each engine (e.g. a fault on one of them).
     With ``chunk_sink_factory`` the engines report to it and no emulator is started;
     otherwise, when ``controller`` is true, the in-process controller emulator is served
-    and every engine registered with it, in index order.
+    and every engine registered with it, in index order. ``server`` picks the engines'
+    HTTP server (``"h11"``, the lean default, or ``"hypercorn"``).
     """
+    if server not in SERVER_KINDS:
+        raise ValueError(f"unknown server {server!r}; expected one of {SERVER_KINDS}")
     configs = _engine_configs(count, config or EngineConfig(), per_engine)
     engines = [SimEngine(c) for c in configs]
     async with AsyncExitStack() as stack:
@@ -147,6 +175,7 @@ async def open_fleet(
         entries = []
         for index, engine in enumerate(engines):
             port = base_port + index if base_port else 0
-            url = await stack.enter_async_context(serve_engine(engine, host=host, port=port))
+            url = await stack.enter_async_context(serve_engine(engine, host=host, port=port,
+                                                                   server=server))
             entries.append(FleetEngine(engine.instance_id, url, engine))
         yield Fleet(tuple(entries), controller_url, emulator)
