@@ -20,7 +20,10 @@ only (``lifespan`` is not run):
 
 The app runs in the connection's own task; no task is spawned per request. A request
 waiting for ``http.disconnect`` reads the socket itself, so a peer that goes away is
-noticed at once.
+noticed at once. Sockets are plain non-blocking sockets driven with
+``trio.lowlevel.wait_readable``/``wait_writable``: a write that fits in the socket buffer
+(nearly all of them) is one ``send`` call with no trip through the scheduler, which is
+where a streaming engine's per-token cost went with trio's ``SocketStream``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import unquote
@@ -45,7 +49,7 @@ AsgiApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Message]],
 
 _log = logging.getLogger(__name__)
 _ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-_SOCKET_GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
+_ACCEPT_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 _CLOSE = (b"connection", b"close")
 
@@ -82,25 +86,18 @@ class _Server:
         self.all_closed = trio.Event()
         self.slots = trio.Semaphore(config.max_connections)
 
-    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+    async def accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
         while True:
             await self.slots.acquire()
             try:
-                stream = await listener.accept()
-            except OSError as error:
-                self.slots.release()
-                if error.errno not in _ACCEPT_RETRY_ERRNOS:
-                    raise
-                _log.warning("accept failed (%s); retrying", errno.errorcode.get(error.errno or 0, "?"))
-                await trio.sleep(0.1)  # back off until descriptors free up
-                continue
+                sock = await _accept(listener)
             except BaseException:
                 self.slots.release()
                 raise
-            nursery.start_soon(self.handle, stream)
+            nursery.start_soon(self.handle, sock)
 
-    async def handle(self, stream: trio.SocketStream) -> None:
-        connection = _Connection(self, stream)
+    async def handle(self, sock: socket.socket) -> None:
+        connection = _Connection(self, sock)
         self.connections.add(connection)
         try:
             await connection.run()
@@ -109,7 +106,7 @@ class _Server:
         finally:
             self.connections.discard(connection)
             self.slots.release()
-            await trio.aclose_forcefully(stream)
+            _close(sock)
             if self.closing and not self.connections:
                 self.all_closed.set()
 
@@ -124,17 +121,17 @@ class _Server:
 class _Connection:
     """One client connection: a loop of request cycles, run in the connection's task."""
 
-    def __init__(self, server: _Server, stream: trio.SocketStream) -> None:
+    def __init__(self, server: _Server, sock: socket.socket) -> None:
         self.server = server
-        self.stream = stream
+        self.sock = sock
         config = server.config
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=config.max_header_bytes)
         self.idle_scope: trio.CancelScope | None = None
         self.peer_gone = False
         self.served = 0
         try:
-            self.client = _address(stream.socket.getpeername())
-            self.local = _address(stream.socket.getsockname())
+            self.client = _address(sock.getpeername())
+            self.local = _address(sock.getsockname())
         except OSError:
             self.client = self.local = None
         self._reset_cycle()
@@ -147,6 +144,7 @@ class _Connection:
         self.started = False
         self.complete = False
         self.held_head: tuple[int, list[tuple[bytes, bytes]]] | None = None
+        self.chunked = False
         self.waiter: trio.CancelScope | None = None
 
     def stop_if_idle(self) -> None:
@@ -202,10 +200,16 @@ class _Connection:
 
     async def _read_more(self) -> bool:
         """Feed the next bytes from the socket to h11; False when the peer is gone."""
-        try:
-            data = await self.stream.receive_some(self.server.config.read_size)
-        except _SOCKET_GONE:
-            data = b""
+        sock = self.sock
+        while True:
+            try:
+                data = sock.recv(self.server.config.read_size)
+                break
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+            except OSError:  # reset by the peer
+                data = b""
+                break
         self.h11.receive_data(data)
         if not data:
             self.peer_gone = True
@@ -356,7 +360,11 @@ class _Connection:
                     self.held_head[1].append((b"content-length", str(len(body)).encode()))
                 out.append(self._head_bytes())
             if body and not self.head_request:
-                out.append(self._h11_bytes(h11.Data(data=body)))
+                if self.chunked:
+                    # h11's chunked writer keeps no state: framing here saves its per-event cost.
+                    out += (b"%x\r\n" % len(body), body, b"\r\n")
+                else:
+                    out.append(self._h11_bytes(h11.Data(data=body)))
             if not more_body:
                 self.complete = True
                 out.append(self._h11_bytes(h11.EndOfMessage()))
@@ -370,7 +378,9 @@ class _Connection:
         assert self.held_head is not None
         status, headers = self.held_head
         self.held_head = None
-        return self._h11_bytes(h11.Response(status_code=status, headers=headers))
+        head = self._h11_bytes(h11.Response(status_code=status, headers=headers))
+        self.chunked = b"transfer-encoding: chunked\r\n" in head.lower()
+        return head
 
     def _h11_bytes(self, event: h11.Response | h11.Data | h11.EndOfMessage) -> bytes:
         return self.h11.send(event) or b""
@@ -378,9 +388,18 @@ class _Connection:
     async def _write(self, data: bytes) -> None:
         if self.peer_gone or not data:
             return
+        sock = self.sock
+        sent = 0
         try:
-            await self.stream.send_all(data)
-        except _SOCKET_GONE:
+            while True:
+                try:
+                    sent += sock.send(memoryview(data)[sent:] if sent else data)
+                except BlockingIOError:
+                    pass
+                if sent >= len(data):
+                    return
+                await trio.lowlevel.wait_writable(sock)  # the peer reads slowly: wait for room
+        except OSError:
             self.peer_gone = True
             self._wake_waiter()
 
@@ -423,8 +442,56 @@ def _address(sockaddr: Any) -> tuple[str, int] | None:
     return None
 
 
-def _url(listener: trio.SocketListener) -> str:
-    host, port = listener.socket.getsockname()[:2]
+async def _accept(listener: socket.socket) -> socket.socket:
+    while True:
+        try:
+            sock, _ = listener.accept()
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(listener)
+            continue
+        except OSError as error:
+            if error.errno in _ACCEPT_SKIP_ERRNOS:
+                continue  # that client is already gone
+            if error.errno not in _ACCEPT_RETRY_ERRNOS:
+                raise
+            _log.warning("accept failed (%s); retrying", errno.errorcode.get(error.errno or 0, "?"))
+            await trio.sleep(0.1)  # back off until descriptors free up
+            continue
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+
+def _close(sock: socket.socket) -> None:
+    trio.lowlevel.notify_closing(sock)  # wakes any task still waiting on it
+    sock.close()
+
+
+def _listen(config: HttpServerConfig) -> list[socket.socket]:
+    listeners: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(
+                config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            listener = socket.socket(family, kind, proto)
+            listeners.append(listener)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listener.bind(address)
+            listener.listen(config.backlog)
+            listener.setblocking(False)
+            if config.port == 0:
+                break  # one free port; several families could not share it
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def _url(listener: socket.socket) -> str:
+    host, port = listener.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"
 
@@ -441,7 +508,7 @@ async def serve_asgi(
     as ``hypercorn.trio.serve`` does."""
     config = config or HttpServerConfig()
     server = _Server(app, config)
-    listeners = await trio.open_tcp_listeners(config.port, host=config.host, backlog=config.backlog)
+    listeners = _listen(config)
     try:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as acceptors:
@@ -458,4 +525,4 @@ async def serve_asgi(
             connections.cancel_scope.cancel()
     finally:
         for listener in listeners:
-            await trio.aclose_forcefully(listener)
+            _close(listener)

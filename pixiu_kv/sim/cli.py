@@ -10,7 +10,7 @@ import sys
 import trio
 
 from .engine_config import EngineConfig
-from .fleet import Fleet, open_fleet
+from .fleet import DEFAULT_SERVER, SERVER_KINDS, Fleet, open_fleet
 
 __all__ = ["build_parser", "main"]
 
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stream new tokens every N decode steps (vLLM's --stream-interval)")
     parser.add_argument("--no-controller", action="store_true", help="do not run the controller emulator")
     parser.add_argument("--controller-port", type=int, default=0)
+    parser.add_argument("--server", choices=SERVER_KINDS, default=DEFAULT_SERVER,
+                        help=f"engines' HTTP server (default {DEFAULT_SERVER}: the lean trio + h11 one)")
     parser.add_argument("--json", action="store_true", help="print the fleet as one JSON line")
     return parser
 
@@ -55,7 +57,8 @@ def _describe(fleet: Fleet, as_json: bool) -> str:
 
 async def _run(args: argparse.Namespace, config: EngineConfig) -> None:
     async with open_fleet(args.engines, config, host=args.host, base_port=args.base_port,
-                          controller=not args.no_controller, controller_port=args.controller_port) as fleet:
+                          controller=not args.no_controller, controller_port=args.controller_port,
+                          server=args.server) as fleet:
         print(_describe(fleet, args.json), flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:

@@ -32,8 +32,8 @@ from .lmcache_link import ChunkSink, WorkerControl
 if TYPE_CHECKING:
     from .controller import ControllerEmulator
 
-__all__ = ["DEFAULT_SERVER", "ChunkSinkFactory", "Fleet", "FleetEngine", "ServerKind", "open_fleet",
-           "serve_engine"]
+__all__ = ["DEFAULT_SERVER", "SERVER_KINDS", "ChunkSinkFactory", "Fleet", "FleetEngine", "ServerKind",
+           "open_fleet", "serve_engine"]
 
 ServerKind = Literal["h11", "hypercorn"]
 """The HTTP server an engine runs on: the lean trio + h11 one, or hypercorn."""

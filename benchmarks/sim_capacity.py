@@ -1,0 +1,176 @@
+"""How much CPU one simulated engine spends per request, on each of its HTTP servers.
+
+``python -m benchmarks.sim_capacity [--requests 500] [--rounds 3] [--speed 1]``
+
+One engine runs in its own process (``pixiu-kv sim --engines 1 --no-controller``), once
+per server (``h11``, ``hypercorn``). A raw-socket load generator (one connection per
+request, all requests sent at once, so they are concurrent) runs rounds of: bare
+``GET /health``, a 16-token JSON completion, a 16-token stream with usage and ``[DONE]``.
+The engine's CPU time (user + system, psutil) over a round divided by the number of
+requests is its CPU per request; every request must complete with a 200 and a full body.
+Reported: the median over rounds, the most streams open at once, and the round's wall time.
+Bounded: every round has a deadline and a fixed request count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psutil
+import trio
+
+SERVERS = ("h11", "hypercorn")
+_ROUND_DEADLINE_S = 120.0
+
+
+def _start_engine(server: str, speed: float, requests: int) -> tuple[subprocess.Popen[str], str]:
+    command = [sys.executable, "-m", "pixiu_kv.sim", "--engines", "1", "--no-controller", "--json",
+               "--speed", str(speed), "--server", server, "--max-num-seqs", str(max(requests, 256)),
+               "--cpu-tier-tokens", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line:
+        process.kill()
+        raise RuntimeError("the engine did not start")
+    return process, json.loads(line)["engines"][0]["url"]
+
+
+def _request(kind: str, index: int, host: str) -> bytes:
+    if kind == "health":
+        return f"GET /health HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
+    # A distinct short prompt per request: no prefix-cache hits, a short prefill lane.
+    body: dict[str, Any] = {"prompt": f"request {index} asks about item {index * 7919}", "max_tokens": 16}
+    if kind == "stream":
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    data = json.dumps(body).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(data)}\r\n\r\n").encode()
+    return head + data
+
+
+class _Round:
+    def __init__(self) -> None:
+        self.open_streams = 0
+        self.max_open_streams = 0
+        self.failures: list[str] = []
+
+
+async def _one(address: tuple[str, int], payload: bytes, kind: str, state: _Round) -> None:
+    stream = await trio.open_tcp_stream(*address)
+    async with stream:
+        await stream.send_all(payload)
+        received = b""
+        counted = False
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                state.failures.append("connection closed early")
+                break
+            received += data
+            head_end = received.find(b"\r\n\r\n")
+            if head_end < 0:
+                continue
+            if not counted:
+                counted = True
+                state.open_streams += 1
+                state.max_open_streams = max(state.max_open_streams, state.open_streams)
+            if not received.startswith(b"HTTP/1.1 200"):
+                state.failures.append(received[:40].decode(errors="replace"))
+                break
+            head = received[:head_end].lower()
+            if b"content-length:" in head:
+                length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+                if len(received) - head_end - 4 >= length:
+                    break
+            elif received.endswith(b"0\r\n\r\n"):
+                if kind == "stream" and b"data: [DONE]" not in received:
+                    state.failures.append("stream without [DONE]")
+                break
+        if counted:
+            state.open_streams -= 1
+
+
+async def _round(url: str, kind: str, requests: int) -> tuple[_Round, float]:
+    host_port = url.removeprefix("http://")
+    host, port = host_port.rsplit(":", 1)
+    payloads = [_request(kind, index, host_port) for index in range(requests)]
+    state = _Round()
+    started = time.perf_counter()
+    with trio.fail_after(_ROUND_DEADLINE_S):
+        async with trio.open_nursery() as nursery:
+            for payload in payloads:
+                nursery.start_soon(_one, (host, int(port)), payload, kind, state)
+    return state, time.perf_counter() - started
+
+
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+async def _measure(server: str, args: argparse.Namespace) -> dict[str, Any]:
+    process, url = _start_engine(server, args.speed, args.requests)
+    try:
+        engine = psutil.Process(process.pid)
+        results: dict[str, Any] = {}
+        for kind in ("health", "json", "stream"):
+            await _round(url, kind, args.requests)  # warm-up: imports, memo tables, allocator
+            per_request: list[float] = []
+            walls: list[float] = []
+            most_open = 0
+            for _ in range(args.rounds):
+                before = _cpu_s(engine)
+                state, wall = await _round(url, kind, args.requests)
+                spent = _cpu_s(engine) - before
+                if state.failures:
+                    raise RuntimeError(f"{server} {kind}: {len(state.failures)} failed: {state.failures[:3]}")
+                per_request.append(spent / args.requests * 1000)
+                walls.append(wall)
+                most_open = max(most_open, state.max_open_streams)
+            results[kind] = {"cpu_ms_per_request": round(statistics.median(per_request), 3),
+                             "cpu_ms_rounds": [round(v, 3) for v in per_request],
+                             "max_open": most_open, "wall_s": round(statistics.median(walls), 2)}
+        return results
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def _main(args: argparse.Namespace) -> None:
+    report: dict[str, Any] = {"requests": args.requests, "rounds": args.rounds, "speed": args.speed,
+                              "load_average": [round(v, 1) for v in psutil.getloadavg()]}
+    for server in args.servers:
+        report[server] = await _measure(server, args)
+    print(json.dumps(report, indent=2))
+    if "h11" in report and "hypercorn" in report:
+        for kind in ("health", "json", "stream"):
+            lean = report["h11"][kind]["cpu_ms_per_request"]
+            old = report["hypercorn"][kind]["cpu_ms_per_request"]
+            print(f"{kind:7s} h11 {lean:6.3f} ms  hypercorn {old:6.3f} ms  ratio {old / lean:4.1f}x")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sim_capacity", description=__doc__)
+    parser.add_argument("--requests", type=int, default=500, help="concurrent requests per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--speed", type=float, default=1.0)
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.rounds < 1:
+        parser.error("--requests and --rounds must be at least 1")
+    trio.run(_main, args)
+
+
+if __name__ == "__main__":
+    main()
