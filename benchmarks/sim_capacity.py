@@ -1,11 +1,13 @@
 """How much CPU one simulated engine spends per request, on each of its HTTP servers.
 
-``python -m benchmarks.sim_capacity [--requests 500] [--rounds 3] [--speed 1]``
+``python -m benchmarks.sim_capacity [--requests 500] [--rounds 3] [--speed 1] [--keep-alive 4]``
 
 One engine runs in its own process (``pixiu-kv sim --engines 1 --no-controller``), once
-per server (``h11``, ``hypercorn``). A raw-socket load generator (one connection per
-request, all requests sent at once, so they are concurrent) runs rounds of: bare
-``GET /health``, a 16-token JSON completion, a 16-token stream with usage and ``[DONE]``.
+per server (``h11``, ``hypercorn``). A raw-socket load generator (``--requests``
+connections opened at once, so the requests are concurrent) runs rounds of: bare
+``GET /health``, a 16-token JSON completion, a 16-token stream with usage and ``[DONE]``;
+first with one request per connection, then with ``--keep-alive`` requests one after the
+other on each connection (as a gateway's connection pool sends them).
 The engine's CPU time (user + system, psutil) over a round divided by the number of
 requests is its CPU per request; every request must complete with a 200 and a full body.
 Reported: the median over rounds, the most streams open at once, and the round's wall time.
@@ -59,54 +61,65 @@ class _Round:
     def __init__(self) -> None:
         self.open_streams = 0
         self.max_open_streams = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.failures: list[str] = []
 
 
-async def _one(address: tuple[str, int], payload: bytes, kind: str, state: _Round) -> None:
+async def _worker(address: tuple[str, int], payloads: list[bytes], kind: str, state: _Round) -> None:
     stream = await trio.open_tcp_stream(*address)
     async with stream:
-        await stream.send_all(payload)
-        received = b""
-        counted = False
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                state.failures.append("connection closed early")
-                break
-            received += data
-            head_end = received.find(b"\r\n\r\n")
-            if head_end < 0:
-                continue
-            if not counted:
-                counted = True
-                state.open_streams += 1
-                state.max_open_streams = max(state.max_open_streams, state.open_streams)
-            if not received.startswith(b"HTTP/1.1 200"):
-                state.failures.append(received[:40].decode(errors="replace"))
-                break
-            head = received[:head_end].lower()
-            if b"content-length:" in head:
-                length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
-                if len(received) - head_end - 4 >= length:
-                    break
-            elif received.endswith(b"0\r\n\r\n"):
-                if kind == "stream" and b"data: [DONE]" not in received:
-                    state.failures.append("stream without [DONE]")
-                break
-        if counted:
-            state.open_streams -= 1
+        for payload in payloads:
+            state.in_flight += 1
+            state.max_in_flight = max(state.max_in_flight, state.in_flight)
+            await _one(stream, payload, kind, state)
+            state.in_flight -= 1
 
 
-async def _round(url: str, kind: str, requests: int) -> tuple[_Round, float]:
+async def _one(stream: trio.SocketStream, payload: bytes, kind: str, state: _Round) -> None:
+    await stream.send_all(payload)
+    received = b""
+    counted = False
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            state.failures.append("connection closed early")
+            break
+        received += data
+        head_end = received.find(b"\r\n\r\n")
+        if head_end < 0:
+            continue
+        if not counted:
+            counted = True
+            state.open_streams += 1
+            state.max_open_streams = max(state.max_open_streams, state.open_streams)
+        if not received.startswith(b"HTTP/1.1 200"):
+            state.failures.append(received[:40].decode(errors="replace"))
+            break
+        head = received[:head_end].lower()
+        if b"content-length:" in head:
+            length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+            if len(received) - head_end - 4 >= length:
+                break
+        elif received.endswith(b"0\r\n\r\n"):
+            if kind == "stream" and b"data: [DONE]" not in received:
+                state.failures.append("stream without [DONE]")
+            break
+    if counted:
+        state.open_streams -= 1
+
+
+async def _round(url: str, kind: str, connections: int, per_connection: int) -> tuple[_Round, float]:
     host_port = url.removeprefix("http://")
     host, port = host_port.rsplit(":", 1)
-    payloads = [_request(kind, index, host_port) for index in range(requests)]
+    payloads = [[_request(kind, index * per_connection + turn, host_port) for turn in range(per_connection)]
+                for index in range(connections)]
     state = _Round()
     started = time.perf_counter()
     with trio.fail_after(_ROUND_DEADLINE_S):
         async with trio.open_nursery() as nursery:
-            for payload in payloads:
-                nursery.start_soon(_one, (host, int(port)), payload, kind, state)
+            for batch in payloads:
+                nursery.start_soon(_worker, (host, int(port)), batch, kind, state)
     return state, time.perf_counter() - started
 
 
@@ -120,23 +133,29 @@ async def _measure(server: str, args: argparse.Namespace) -> dict[str, Any]:
     try:
         engine = psutil.Process(process.pid)
         results: dict[str, Any] = {}
-        for kind in ("health", "json", "stream"):
-            await _round(url, kind, args.requests)  # warm-up: imports, memo tables, allocator
-            per_request: list[float] = []
-            walls: list[float] = []
-            most_open = 0
-            for _ in range(args.rounds):
-                before = _cpu_s(engine)
-                state, wall = await _round(url, kind, args.requests)
-                spent = _cpu_s(engine) - before
-                if state.failures:
-                    raise RuntimeError(f"{server} {kind}: {len(state.failures)} failed: {state.failures[:3]}")
-                per_request.append(spent / args.requests * 1000)
-                walls.append(wall)
-                most_open = max(most_open, state.max_open_streams)
-            results[kind] = {"cpu_ms_per_request": round(statistics.median(per_request), 3),
-                             "cpu_ms_rounds": [round(v, 3) for v in per_request],
-                             "max_open": most_open, "wall_s": round(statistics.median(walls), 2)}
+        for per_connection in sorted({1, args.keep_alive}):
+            for kind in ("health", "json", "stream"):
+                await _round(url, kind, args.requests, 1)  # warm-up: imports, memo tables, allocator
+                total = args.requests * per_connection
+                per_request: list[float] = []
+                walls: list[float] = []
+                most_open = most_in_flight = 0
+                for _ in range(args.rounds):
+                    before = _cpu_s(engine)
+                    state, wall = await _round(url, kind, args.requests, per_connection)
+                    spent = _cpu_s(engine) - before
+                    if state.failures:
+                        raise RuntimeError(f"{server} {kind}: {len(state.failures)} failed: "
+                                           f"{state.failures[:3]}")
+                    per_request.append(spent / total * 1000)
+                    walls.append(wall)
+                    most_open = max(most_open, state.max_open_streams)
+                    most_in_flight = max(most_in_flight, state.max_in_flight)
+                results[f"{kind}/{per_connection}"] = {
+                    "cpu_ms_per_request": round(statistics.median(per_request), 3),
+                    "cpu_ms_rounds": [round(v, 3) for v in per_request],
+                    "max_in_flight": most_in_flight, "max_open_streams": most_open,
+                    "wall_s": round(statistics.median(walls), 2)}
         return results
     finally:
         process.terminate()
@@ -154,10 +173,10 @@ async def _main(args: argparse.Namespace) -> None:
         report[server] = await _measure(server, args)
     print(json.dumps(report, indent=2))
     if "h11" in report and "hypercorn" in report:
-        for kind in ("health", "json", "stream"):
-            lean = report["h11"][kind]["cpu_ms_per_request"]
-            old = report["hypercorn"][kind]["cpu_ms_per_request"]
-            print(f"{kind:7s} h11 {lean:6.3f} ms  hypercorn {old:6.3f} ms  ratio {old / lean:4.1f}x")
+        for key in report["h11"]:
+            lean = report["h11"][key]["cpu_ms_per_request"]
+            old = report["hypercorn"][key]["cpu_ms_per_request"]
+            print(f"{key:9s} h11 {lean:6.3f} ms  hypercorn {old:6.3f} ms  ratio {old / lean:4.1f}x")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,10 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=500, help="concurrent requests per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--speed", type=float, default=1.0)
+    parser.add_argument("--keep-alive", type=int, default=4, help="requests per connection, second pass")
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     args = parser.parse_args(argv)
-    if args.requests < 1 or args.rounds < 1:
-        parser.error("--requests and --rounds must be at least 1")
+    if args.requests < 1 or args.rounds < 1 or args.keep_alive < 1:
+        parser.error("--requests, --rounds and --keep-alive must be at least 1")
     trio.run(_main, args)
 
 
