@@ -6,7 +6,7 @@ Pure and synchronous: the kvcache filter and the LLM proxy own all I/O and call
 """
 
 from ._blocks import BlockSchedule, PrefixKeys
-from ._cost import PrefillLearner, PrefillQueue
+from ._cost import PredictionLag, PrefillLearner, PrefillQueue
 from ._hot import HotPlacement, HotPrefixes
 from ._prefix_index import PrefixIndex
 from ._request import ROUTING_INPUT_KEY, RoutingInput, session_key_of
@@ -25,6 +25,7 @@ __all__ = [
     "HotPlacement",
     "HotPrefixes",
     "LearnedCost",
+    "PredictionLag",
     "PrefillLearner",
     "PrefillQueue",
     "PrefixIndex",

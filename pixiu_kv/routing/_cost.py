@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["PrefillLearner", "PrefillQueue"]
+__all__ = ["PredictionLag", "PrefillLearner", "PrefillQueue"]
 
 # The prior stays in the fit as this many pseudo-observations (two points on the prior
 # line), so a slope that the data cannot identify (all prompts the same size) falls back to it.
@@ -127,3 +127,33 @@ class PrefillQueue:
 
     def ended(self) -> None:
         self.outstanding = max(0, self.outstanding - 1)
+
+
+class PredictionLag:
+    """How much later than predicted an endpoint's first tokens arrived recently, in seconds.
+
+    The queue above is open-loop (predicted work draining at one second per second); an
+    engine slowed by what the model does not see (a large decode batch, another gateway's
+    traffic, a noisy host) delivers later than that. Each observation moves the lag a
+    ``weight`` of the way to the observed excess (never below zero); it fades with a
+    ``half_life`` in seconds, since an engine that gets no new work catches up.
+    """
+
+    __slots__ = ("_half_life", "_since", "_value", "_weight")
+
+    def __init__(self, half_life: float = 1.0, weight: float = 0.25) -> None:
+        self._half_life = half_life
+        self._weight = weight
+        self._value = 0.0
+        self._since = -math.inf
+
+    def value(self, now: float) -> float:
+        if self._value > 0.0 and now > self._since:
+            self._value *= 0.5 ** ((now - self._since) / self._half_life)
+            self._since = now
+        return self._value
+
+    def observe(self, excess: float, now: float) -> None:
+        current = self.value(now)
+        self._value = current + self._weight * (max(excess, 0.0) - current)
+        self._since = max(now, self._since)

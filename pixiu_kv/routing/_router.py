@@ -23,7 +23,7 @@ from typing import Final
 import attrs
 
 from ._blocks import BlockSchedule, PrefixKeys
-from ._cost import PrefillLearner, PrefillQueue
+from ._cost import PredictionLag, PrefillLearner, PrefillQueue
 from ._hot import HotPlacement, HotPrefixes
 from ._prefix_index import PrefixIndex
 from ._session import SessionRing, stable_hash
@@ -35,8 +35,8 @@ __all__ = ["LearnedCost", "Router", "RouterStats"]
 # Predicted times closer than this are a tie (then load, then the id hash decide).
 _COST_RESOLUTION = 0.001
 _SHOWN_COSTS = 4
-# A hot prefix gets another replica only when all its engines are this busy (share of the
-# overload queue time, and of max_in_flight).
+# A hot prefix gets another replica when all its engines have more queued than a copy costs,
+# or use this share of their max_in_flight.
 _HOT_BUSY = 0.25
 
 
@@ -61,11 +61,12 @@ class RouterStats:
 
 
 class _EndpointState:
-    __slots__ = ("learner", "queue")
+    __slots__ = ("lag", "learner", "queue")
 
     def __init__(self, learner: PrefillLearner) -> None:
         self.learner = learner
         self.queue = PrefillQueue()
+        self.lag = PredictionLag()
 
 
 # One eligible endpoint during a decision (a plain tuple: built 16 times per decision).
@@ -128,6 +129,7 @@ class Router:
         # Endpoints seen down (unhealthy or drained): their cache was forgotten once.
         self._down: set[str] = set()
         self._states: dict[str, _EndpointState] = {}
+        self._learners: dict[int, PrefillLearner] = {}
         self._id_hashes: dict[str, int] = {}
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._handles = itertools.count(1)
@@ -151,10 +153,17 @@ class Router:
     def _state(self, view: EndpointView) -> _EndpointState:
         state = self._states.get(view.id)
         if state is None:
-            cfg = self._cfg
-            state = _EndpointState(PrefillLearner(
-                per_token=1.0 / (cfg.prefill_tokens_per_second * view.weight),
-                base=cfg.base_latency, learning_rate=cfg.learning_rate))
+            # Endpoints of equal weight are the same hardware to the operator: they share one
+            # learned cost. Per-endpoint fits from a few dozen noisy TTFTs each (queueing the
+            # router did not predict lands in them) drift apart and then send every uncached
+            # request to whichever identical engine looks fastest by chance.
+            learner = self._learners.get(view.weight)
+            if learner is None:
+                cfg = self._cfg
+                learner = PrefillLearner(per_token=1.0 / (cfg.prefill_tokens_per_second * view.weight),
+                                         base=cfg.base_latency, learning_rate=cfg.learning_rate)
+                self._learners[view.weight] = learner
+            state = _EndpointState(learner)
             self._states[view.id] = state
             self._id_hashes[view.id] = stable_hash(view.id)
         return state
@@ -216,7 +225,9 @@ class Router:
             load = view.in_flight if view.in_flight > queue.outstanding else queue.outstanding
             if load >= view.max_in_flight:
                 continue
-            queued = queue.backlog(now)
+            # Predicted work not yet prefilled, plus how late this engine has lately been
+            # against its predictions (closes the loop on what the model does not see).
+            queued = queue.backlog(now) + state.lag.value(now)
             overloaded = load >= ratio * view.max_in_flight or queued > max_queue
             real = 0 if overloaded or not matched else matched.get(endpoint_id, 0)
             if real > best_eligible_real:
@@ -301,7 +312,9 @@ class Router:
         view = winner[_VIEW]
         state = winner[_STATE]
         real_matched = min(matched.get(view.id, 0), prompt_tokens)
-        work = state.learner.per_token * (prompt_tokens - real_matched) + per_cached * real_matched
+        # The engine is busy with this request until its first token: the fixed part too (on
+        # a loaded engine, the learned fixed part is mostly that time), not only the tokens.
+        work = state.learner.predict(prompt_tokens - real_matched) + per_cached * real_matched
         state.queue.add(work, now)
         receipt = (self._index.record(view.id, keys)
                    if self._index is not None and keys is not None else None)
@@ -320,15 +333,18 @@ class Router:
 
     def _pressed(self, rows: list[_Row], row_of: Mapping[str, int], kept: Sequence[str],
                  matched: Mapping[str, int], hot_tokens: int) -> bool:
-        """Every usable engine serving the prefix (holder or replica) is busy."""
-        busy_queue = self._cfg.overload_queue_time * _HOT_BUSY
+        """Every usable engine serving the prefix (holder or replica) is busier than a copy
+        costs: its queued prefill exceeds the time to compute the prefix elsewhere, or a
+        quarter of its in-flight limit is used. A replica then pays for itself with the next
+        request; before that, a copy only takes cache space from other prefixes."""
         serving = {e for e, n in matched.items() if n >= hot_tokens and e in row_of}
         serving.update(e for e in kept if e in row_of)
         if not serving:
             return True
         for endpoint_id in serving:
             row = rows[row_of[endpoint_id]]
-            if row[_QUEUED] < busy_queue and row[_LOAD] < row[_VIEW].max_in_flight * _HOT_BUSY:
+            copy_cost = row[_STATE].learner.predict(hot_tokens)
+            if row[_QUEUED] < copy_cost and row[_LOAD] < row[_VIEW].max_in_flight * _HOT_BUSY:
                 return False
         return True
 
@@ -344,7 +360,10 @@ class Router:
         pending.prefilled = True
         state = self._states.get(pending.endpoint_id)
         if state is not None:
-            state.queue.prefilled(pending.work, pending.created + pending.ttft)
+            at = pending.created + pending.ttft
+            state.queue.prefilled(pending.work, at)
+            if decision.predicted_ttft is not None:
+                state.lag.observe(pending.ttft - decision.predicted_ttft, at)
 
     def on_complete(self, decision: Decision, cached_tokens: int | None, prompt_tokens: int | None,
                     now: float | None = None) -> None:

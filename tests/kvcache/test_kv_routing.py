@@ -58,7 +58,8 @@ async def test_streamed_responses_teach_the_router_its_costs() -> None:
             assert "usage" in json.loads(events[-1][6:])
             await settle(kv_filter, i + 1)
         await wait_until(lambda: router.stats().pending == 0)
-        assert sum(e.samples for e in router.stats().endpoints) == 3
+        # Endpoints of equal weight share one learned cost: it learnt from all three.
+        assert {e.samples for e in router.stats().endpoints} == {3}
 
 
 async def test_a_session_without_a_cache_signal_sticks_to_its_engine() -> None:

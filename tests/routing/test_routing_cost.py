@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pixiu_kv.routing import PrefillLearner, PrefillQueue
+from pixiu_kv.routing import PredictionLag, PrefillLearner, PrefillQueue
 
 
 @pytest.mark.parametrize(("true_per_token", "true_base"), [
@@ -59,3 +59,13 @@ def test_queue_adds_reservations_at_once_drains_with_time_and_forgets_finished_w
     q.ended()
     q.ended()  # never negative
     assert q.outstanding == 0
+
+
+def test_lag_follows_late_first_tokens_and_fades_when_the_engine_catches_up() -> None:
+    lag = PredictionLag(half_life=1.0, weight=0.25)
+    for i in range(20):
+        lag.observe(0.4, now=i * 0.01)  # answers keep coming 0.4 s later than predicted
+    assert lag.value(0.2) == pytest.approx(0.4, rel=0.05)
+    assert lag.value(1.2) == pytest.approx(0.2, rel=0.05)  # one half-life without news
+    lag.observe(-1.0, now=1.2)  # earlier than predicted: pulls towards zero, never below
+    assert 0.0 <= lag.value(1.2) < 0.2
