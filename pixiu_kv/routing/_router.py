@@ -86,6 +86,7 @@ class _Pending:
         "created",
         "endpoint_id",
         "keys",
+        "lag",
         "load",
         "matched",
         "prefilled",
@@ -110,6 +111,8 @@ class _Pending:
         self.created = created
         self.ttft: float | None = None
         self.prefilled = False
+        # The endpoint's lag when it was chosen (part of the predicted TTFT).
+        self.lag = 0.0
 
 
 class Router:
@@ -315,12 +318,18 @@ class Router:
         # The engine is busy with this request until its first token: the fixed part too (on
         # a loaded engine, the learned fixed part is mostly that time), not only the tokens.
         work = state.learner.predict(prompt_tokens - real_matched) + per_cached * real_matched
+        # The cost learner sees the TTFT minus the predicted queue only: a lasting excess
+        # (gateway overhead, a slower engine) moves its fixed part, and the lag is left with
+        # what is transient. Subtracting the lag too would leave a lasting excess in the lag,
+        # where it pushes traffic away from whichever engines are busy (the holders).
+        backlog = state.queue.backlog(now)
         state.queue.add(work, now)
         receipt = (self._index.record(view.id, keys)
                    if self._index is not None and keys is not None else None)
         handle = next(self._handles)
-        self._pending[handle] = _Pending(view.id, work, winner[_QUEUED], winner[_LOAD], real_matched,
+        self._pending[handle] = _Pending(view.id, work, backlog, winner[_LOAD], real_matched,
                                          prompt_tokens, keys, receipt, now)
+        self._pending[handle].lag = max(0.0, winner[_QUEUED] - backlog)
         if len(self._pending) > cfg.max_pending:
             self._drop(next(iter(self._pending)))
         self._decisions[reason] += 1
@@ -363,7 +372,8 @@ class Router:
             at = pending.created + pending.ttft
             state.queue.prefilled(pending.work, at)
             if decision.predicted_ttft is not None:
-                state.lag.observe(pending.ttft - decision.predicted_ttft, at)
+                # Excess over the model without the lag (the lag estimates that excess).
+                state.lag.observe(pending.ttft - (decision.predicted_ttft - pending.lag), at)
 
     def on_complete(self, decision: Decision, cached_tokens: int | None, prompt_tokens: int | None,
                     now: float | None = None) -> None:
