@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 import trio
 from kv_fakes import FakeUpstream, kv_config, wait_until
 from test_kv_gateway import LONG, MODEL, complete, settle, stack
@@ -30,8 +31,14 @@ def spawner(nursery: trio.Nursery) -> Any:
     return spawn
 
 
-async def test_first_seen_prompt_lands_where_its_system_prompt_is_cached() -> None:
-    async with stack(ROUTING) as (fleet, _gw, kv_filter, http):
+LOCAL = ROUTING + '[[http_filters.config.routing.tokenizers]]\nmodel = "sim-llama-8b"\npath = "builtin:sim"\n'
+
+
+@pytest.mark.parametrize("local_tokenizer", [False, True])
+async def test_first_seen_prompt_lands_where_its_system_prompt_is_cached(local_tokenizer: bool) -> None:
+    # Without a local tokenizer the engine's /tokenize gives the ids; with one (the engine's
+    # own), its ids are looked up at once, without a round trip.
+    async with stack(LOCAL if local_tokenizer else ROUTING) as (fleet, _gw, kv_filter, http):
         assert fleet.controller is not None
         index = fleet.controller.index
         for n, warmed in enumerate(("engine-1", "engine-2"), 1):
@@ -50,7 +57,7 @@ async def test_first_seen_prompt_lands_where_its_system_prompt_is_cached() -> No
             assert "reason=cache" in route and cached > 0
             await settle(kv_filter, n)
         stats = kv_filter.kv.stats
-        assert stats.tokenize_calls == 2 and stats.lookups["routed"] == 2
+        assert stats.tokenize_calls == (0 if local_tokenizer else 2) and stats.lookups["routed"] == 2
 
 
 async def test_next_turn_of_a_chat_lands_where_the_previous_turn_is_cached() -> None:

@@ -203,13 +203,16 @@ class KvCache:
     async def _tokenize_for_routing(self, prompt: Prompt, deadline: float) -> TokenSeq | None:
         """The engine's tokens of a prompt missing from the token cache, for routing now.
 
-        Skipped when a local tokenizer serves the model (it costs no round trip) or the
-        tokenizer's breaker is open. Concurrent identical prompts share one call; the caller's
-        budget scope bounds the wait, and the tokens land in the token cache for later.
+        A local tokenizer of the model answers without a round trip (its ids serve this
+        request's lookup and are not cached: only the engine's own ids are). Otherwise the
+        engine's ``/tokenize``, unless its breaker is open; concurrent identical prompts share
+        one call, the caller's budget scope bounds the wait, and the tokens land in the token
+        cache for later.
         """
         local = self._local_tokens
         if local is not None and prompt.model in local:
-            return None
+            ids = local.tokens(prompt.tokenize_body)
+            return TokenSeq.from_ids(ids) if ids else None
         if self._tokenizer.breaker.state is BreakerState.OPEN:
             return None
         return await self._route_tokenize.run(prompt.key, lambda: self._tokenize(prompt, deadline))
