@@ -140,14 +140,16 @@ def routing_settings(model: str, engine: dict[str, Any]) -> dict[str, Any]:
 
     The router on, every capability at its recommended default but the duplicate penalty
     (measured below), and the facts an operator knows about their engines: the model's
-    tokenizer (the simulator's), each engine's cache size (GPU plus LMCache tier), the
+    tokenizer (the simulator's), each engine's cache size (the larger of its GPU cache and
+    its LMCache tier: LMCache writes every chunk through to the CPU tier, so the two hold
+    mostly the same prefixes and their sum would overstate what an engine keeps), the
     tier's load bandwidth, and the cost priors at the fleet's speed (the
     simulated hardware runs ``speed`` times faster than the defaults assume).
     """
     speed = float(engine.get("speed", 1.0))
     return {
         "enabled": True,
-        "engine_cache_tokens": int(engine.get("gpu_kv_tokens", 0)) + int(engine.get("cpu_tier_tokens", 0)),
+        "engine_cache_tokens": max(int(engine.get("gpu_kv_tokens", 0)), int(engine.get("cpu_tier_tokens", 0))),
         "prefill_tokens_per_second": PREFILL_TOKENS_PER_S * speed,
         # Cached tokens mostly come from the LMCache CPU tier (the GPU holds little beyond
         # the running requests): loading them runs at the tier's bandwidth.

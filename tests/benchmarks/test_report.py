@@ -68,7 +68,7 @@ def test_gateway_configs_are_valid_gateway_configurations(target: str) -> None:
         if routing_config is not None:  # the routing table exists in this configuration
             assert routing_config.enabled == (target == "pixiu-kv")
             if target == "pixiu-kv":
-                assert routing_config.engine_cache_tokens == 8192
+                assert routing_config.engine_cache_tokens == 4096
                 assert routing_config.prefill_tokens_per_second == 5000.0
                 assert [t.path for t in routing_config.tokenizers] == ["builtin:sim"]
     else:
