@@ -1,6 +1,6 @@
 """HTTP clients to the engines: one keep-alive connection pool per endpoint.
 
-The request path uses :mod:`pixiu_kv.upstream._h11_pool`, a lean HTTP/1.1 client: the proxy
+The request path uses :mod:`pixiu_kv.upstream.http11`, the lean HTTP/1.1 client: the proxy
 spends its CPU in the two HTTP hops, and httpx (and even httpcore's pool under it) cost
 two to three times more CPU per request than a client that sends a request in one write
 and carries no model, tracing or generator layers (numbers in ``docs/architecture.md``).
@@ -14,30 +14,28 @@ Timeouts are set deliberately, because general-purpose defaults (httpx: 5 s for 
 * first byte and idle gaps between chunks: enforced by the proxy with trio cancel scopes
   (``first_byte_timeout`` until the response head, ``idle_timeout`` between chunks), so a
   long healthy stream is never cut;
-* pool: up to ``max_connections_per_endpoint`` connections kept alive; the endpoint's
-  in-flight cap never exceeds it, so a request never waits for a connection.
+* pool: at most the endpoint's in-flight cap of connections (itself at most
+  ``max_connections_per_endpoint``), all of them kept alive; the proxy never has more
+  requests in flight to an endpoint, so a request never waits for a connection.
 """
 
 from __future__ import annotations
 
-import functools
 import http.cookiejar
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
-from urllib.parse import urlsplit
 
-import attrs
 import httpx
 import trio
 
 from ..cluster import Endpoint
 from ..config import LlmProxyConfig
-from ._h11_pool import EngineConnectionPool, UpstreamConnectError, UpstreamError, UpstreamResponse
+from .http11 import Http11Pool, UpstreamConnectError, UpstreamResponse, system_tls_context
+from .resilience import UpstreamError
 
 __all__ = [
     "EngineClients",
-    "EngineConnectionPool",
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamResponse",
@@ -46,41 +44,20 @@ __all__ = [
 ]
 
 
-@attrs.frozen
-class _Origin:
-    host: str
-    port: int
-    host_header: bytes
-    base_path: bytes
-
-    @classmethod
-    def of(cls, address: str) -> _Origin:
-        parts = urlsplit(address)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return cls(parts.hostname or "", port, parts.netloc.rsplit("@", 1)[-1].encode("idna"),
-                   parts.path.rstrip("/").encode())
-
-
 def _no_cookies() -> http.cookiejar.CookieJar:
     # A proxy must not collect engines' cookies into one shared jar (it would grow unbounded
     # and leak state between clients).
     return http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
 
 
-@functools.cache
-def _trust_store_context() -> ssl.SSLContext:
-    """The system trust store, loaded once per process (loading it costs ~0.1 s)."""
-    return ssl.create_default_context()
-
-
 def _tls_context(endpoints: list[Endpoint]) -> ssl.SSLContext:
-    """One context shared by every pool: httpx would otherwise load certificates per client.
+    """One context shared by every client: httpx would otherwise load certificates per client.
 
     Without any https endpoint no certificate is ever checked, so the trust store is not
     loaded at all (the context still verifies, should it ever be used).
     """
     if any(e.config.address.startswith("https:") for e in endpoints):
-        return _trust_store_context()
+        return system_tls_context()
     return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
@@ -100,14 +77,12 @@ def _client(config: LlmProxyConfig, pool_size: int, tls: ssl.SSLContext) -> http
 class EngineClients:
     """The connection pools, keyed by endpoint id. Owned by the gateway's lifespan."""
 
-    __slots__ = ("_base_paths", "_pools", "config", "health", "models")
+    __slots__ = ("_pools", "config", "health", "models")
 
-    def __init__(self, config: LlmProxyConfig, pools: dict[str, EngineConnectionPool],
-                 base_paths: dict[str, bytes], health: httpx.AsyncClient,
+    def __init__(self, config: LlmProxyConfig, pools: dict[str, Http11Pool], health: httpx.AsyncClient,
                  models: httpx.AsyncClient) -> None:
         self.config = config
         self._pools = pools
-        self._base_paths = base_paths
         # Health checks use their own small pool: a pool full of long streams must not make
         # a healthy engine's checks wait for a slot and fail.
         self.health = health
@@ -115,15 +90,13 @@ class EngineClients:
         # starve the health checks (and mark healthy engines down).
         self.models = models
 
-    def pool(self, endpoint_id: str) -> EngineConnectionPool:
+    def pool(self, endpoint_id: str) -> Http11Pool:
         return self._pools[endpoint_id]
 
     async def send(self, endpoint: Endpoint, method: str, target: bytes,
                    headers: list[tuple[bytes, bytes]], body: bytes) -> UpstreamResponse:
         """Send a request to ``endpoint`` (its address's path prefixed to ``target``)."""
-        endpoint_id = endpoint.config.id
-        return await self._pools[endpoint_id].send(method.encode("ascii"),
-                                                   self._base_paths[endpoint_id] + target, headers, body)
+        return await self._pools[endpoint.config.id].send(method.encode("ascii"), target, headers, body)
 
 
 @asynccontextmanager
@@ -131,24 +104,20 @@ async def open_engine_clients(config: LlmProxyConfig,
                               endpoints: Iterable[Endpoint]) -> AsyncIterator[EngineClients]:
     """One pool per endpoint, sized to the endpoint's in-flight cap; all closed on exit."""
     async with AsyncExitStack() as stack:
-        pools: dict[str, EngineConnectionPool] = {}
-        base_paths: dict[str, bytes] = {}
+        pools: dict[str, Http11Pool] = {}
         endpoints = list(endpoints)
         tls = _tls_context(endpoints)
         for endpoint in endpoints:
-            origin = _Origin.of(endpoint.config.address)
-            pool = EngineConnectionPool(
-                origin.host, origin.port, host_header=origin.host_header,
+            pool = Http11Pool(
+                endpoint.config.address,
+                max_connections=min(endpoint.max_in_flight, config.max_connections_per_endpoint),
                 connect_timeout=config.connect_timeout, write_timeout=config.idle_timeout,
-                keepalive_expiry=config.keepalive_expiry,
-                max_idle=min(endpoint.max_in_flight, config.max_connections_per_endpoint),
-                tls=tls if endpoint.config.address.startswith("https:") else None)
+                keepalive_expiry=config.keepalive_expiry, tls=tls)
             stack.callback(pool.close)
             pools[endpoint.id] = pool
-            base_paths[endpoint.id] = origin.base_path
         health = await stack.enter_async_context(_client(config, max(1, len(endpoints)), tls))
         models = await stack.enter_async_context(_client(config, max(1, len(endpoints)), tls))
-        yield EngineClients(config, pools, base_paths, health, models)
+        yield EngineClients(config, pools, health, models)
 
 
 async def probe_health(client: httpx.AsyncClient, url: str, within: float, api_key: str = "") -> bool:
