@@ -114,7 +114,7 @@ async def run(requests: int, prompt_tokens: int, lookup_delay: float, rounds: in
 
     from pixiu_kv.config import KvCacheConfig, TokenCacheConfig
     from pixiu_kv.filters.kvcache import open_kvcache
-    from pixiu_kv.filters.kvcache.http11 import Http11Pool
+    from pixiu_kv.upstream import Http11Pool
 
     measure = partial(_cpu_per_request, requests=requests, rounds=rounds)
 
@@ -149,7 +149,7 @@ async def run(requests: int, prompt_tokens: int, lookup_delay: float, rounds: in
             await trio.sleep(0.001)
 
         results["trio_sleep_1ms"] = await measure(sleep_1ms)
-        pool = Http11Pool(url, max_connections=4, max_reply_bytes=1 << 20)
+        pool = Http11Pool(url, max_connections=4, connect_timeout=2.0, write_timeout=2.0)
         results["bare_lookup"] = await measure(lambda _: pool.post_json("/lookup", lookup_body))
         pool.close()
         async with httpx.AsyncClient(base_url=url) as client:

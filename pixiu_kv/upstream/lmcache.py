@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
-import httpx
 
 from .resilience import (
     CircuitBreaker,
@@ -25,7 +24,6 @@ from .resilience import (
     RetryPolicy,
     UpstreamRejected,
     call_with_retry,
-    post_json,
 )
 
 __all__ = [
@@ -35,7 +33,6 @@ __all__ = [
     "LayoutEntry",
     "LmCacheClient",
     "LookupResult",
-    "httpx_post",
     "parse_lookup_reply",
 ]
 
@@ -44,12 +41,6 @@ MAX_REPLY_BYTES = 1024 * 1024
 
 JsonPost = Callable[[str, bytes], Awaitable[Any]]
 """``await post(path, json_body)`` -> decoded JSON reply, failures as ``UpstreamError``s."""
-
-
-def httpx_post(client: httpx.AsyncClient, max_reply_bytes: int = MAX_REPLY_BYTES) -> JsonPost:
-    async def post(path: str, body: bytes) -> Any:
-        return await post_json(client, path, body, max_reply_bytes=max_reply_bytes)
-    return post
 
 
 class EndpointMissing(UpstreamRejected):

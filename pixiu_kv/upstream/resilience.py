@@ -16,13 +16,11 @@ Time is ``trio.current_time()``, so everything here runs under trio's autojump c
 from __future__ import annotations
 
 import enum
-import json
 import random
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import attrs
-import httpx
 import trio
 
 __all__ = [
@@ -39,7 +37,6 @@ __all__ = [
     "call_with_retry",
     "check_status",
     "is_cancellation",
-    "post_json",
 ]
 
 T = TypeVar("T")
@@ -290,33 +287,3 @@ def check_status(status: int, path: str) -> None:
     if status >= 400:
         raise UpstreamRejected(f"POST {path}: HTTP {status}", status)
     raise MalformedReply(f"POST {path}: unexpected HTTP {status}")
-
-
-async def post_json(client: httpx.AsyncClient, path: str, body: bytes, *, max_reply_bytes: int) -> Any:
-    """POST a JSON body with httpx, return the decoded JSON reply; failures mapped to the
-    classes above.
-
-    A reply whose Content-Length exceeds ``max_reply_bytes`` is refused unread; one without
-    a length is read, then refused. (Breaking out of httpx's body iterator would leave its
-    async generators unfinished, which trio reports.) Leaving the ``async with``, also by
-    cancellation, closes the response, so no connection leaks.
-    """
-    try:
-        async with client.stream("POST", path, content=body,
-                                 headers={"content-type": "application/json"}) as response:
-            status = response.status_code
-            length = response.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > max_reply_bytes:
-                raise MalformedReply(f"POST {path}: reply larger than {max_reply_bytes} bytes")
-            content = await response.aread()
-    except httpx.TimeoutException as exc:
-        raise UpstreamUnavailable(f"POST {path}: {type(exc).__name__}") from None
-    except httpx.TransportError as exc:
-        raise UpstreamUnavailable(f"POST {path}: {type(exc).__name__}: {exc}") from None
-    if len(content) > max_reply_bytes:
-        raise MalformedReply(f"POST {path}: reply larger than {max_reply_bytes} bytes")
-    check_status(status, path)
-    try:
-        return json.loads(content)
-    except ValueError:
-        raise MalformedReply(f"POST {path}: reply is not JSON") from None

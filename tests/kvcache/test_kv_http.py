@@ -6,7 +6,6 @@ import logging
 import random
 from typing import Any
 
-import httpx
 import psutil
 import pytest
 import trio
@@ -15,16 +14,7 @@ from kv_fakes import FakeUpstream, fake_tokens, kv_config, wait_until
 from pixiu_kv.config import CacheStrategyConfig, CircuitBreakerConfig, LookupRetryConfig
 from pixiu_kv.context import RouteHint
 from pixiu_kv.filters.kvcache import ROUTED_REASON, KvCache, open_kvcache
-from pixiu_kv.filters.kvcache.transports import Transports
 from pixiu_kv.hostload import HostLoad
-from pixiu_kv.upstream.lmcache import EndpointMissing, LmCacheClient, httpx_post
-from pixiu_kv.upstream.resilience import (
-    CircuitBreaker,
-    MalformedReply,
-    RetryPolicy,
-    UpstreamRejected,
-    UpstreamUnavailable,
-)
 
 Upstream = tuple[FakeUpstream, str]
 
@@ -362,36 +352,3 @@ def client_sockets_to(port: int) -> int:
     """ESTABLISHED connections of this process to ``port`` (its client side)."""
     return sum(1 for c in psutil.Process().net_connections(kind="tcp")
                if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == port)
-
-
-async def test_httpx_transport_for_https_upstreams_maps_failures_alike(upstream: Upstream) -> None:
-    """The httpx path (used for https upstreams) classifies replies like the lean client."""
-    fake, url = upstream
-    fake.layout = {"engine-a": ("LocalCPUBackend", 256)}
-    policy = RetryPolicy(max_attempts=1, base_backoff=0.0, max_backoff=0.0)
-    breaker = CircuitBreaker("t", 100, 1.0, 1)
-    async with httpx.AsyncClient(base_url=url) as client:
-        lm = LmCacheClient(httpx_post(client, max_reply_bytes=200), policy)
-        deadline = trio.current_time() + 10
-        found = await lm.lookup(b"[1,2]", breaker=breaker, deadline=deadline)
-        assert found.best is not None and found.best.instance_id == "engine-a"
-        for fault, error in (("500", UpstreamUnavailable), ("422", UpstreamRejected),
-                             ("garbage", MalformedReply)):
-            fake.fault["/lookup"] = fault
-            with pytest.raises(error):
-                await lm.lookup(b"[1]", breaker=breaker, deadline=deadline)
-        fake.fault["/evict"] = "405"
-        with pytest.raises(EndpointMissing):
-            await lm.evict(b"[1]", "engine-a", breaker=breaker, deadline=deadline)
-        fake.fault.clear()
-        fake.layout = {f"engine-{i}": ("LocalCPUBackend", i) for i in range(20)}
-        with pytest.raises(MalformedReply):  # larger than max_reply_bytes
-            await lm.lookup(b"[1]", breaker=breaker, deadline=deadline)
-
-
-def test_transports_pick_the_lean_client_for_http_only() -> None:
-    transports = Transports(pool_size=2, timeout=1.0)
-    lean = transports.post("http://127.0.0.1:1", 100)
-    tls = transports.post("https://127.0.0.1:1", 100)
-    assert getattr(lean, "__self__", None).__class__.__name__ == "Http11Pool"
-    assert not hasattr(tls, "__self__")

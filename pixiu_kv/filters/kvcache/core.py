@@ -29,6 +29,7 @@ from ...hostload import HostLoad, HostLoadSampler
 from ...routing import PrefixKeys, RoutingInput
 from ...routing import Router as DecisionRouter
 from ...routing.local_tokenizer import LocalTokenizers, load_local_tokenizers
+from ...upstream.http11 import Http11Pool
 from ...upstream.lmcache import MAX_REPLY_BYTES as LMCACHE_MAX_REPLY_BYTES
 from ...upstream.lmcache import LmCacheClient, LookupResult
 from ...upstream.resilience import BreakerState, CircuitBreaker, RetryPolicy, UpstreamError
@@ -43,7 +44,6 @@ from .singleflight import SingleFlight
 from .stats import KvCacheStats
 from .strategy import DEFAULT_LOCATION, Action, decide
 from .tokens import TokenCache, TokenSeq
-from .transports import Transports
 
 __all__ = ["DEFAULT_HTTP_POOL_SIZE", "KvCache", "open_kvcache"]
 
@@ -52,7 +52,6 @@ log = logging.getLogger("pixiu_kv.kvcache")
 DEFAULT_HTTP_POOL_SIZE = 64
 """Connections per upstream client (routing, background LMCache, tokenizer each have one)."""
 
-_CLOSE_TIMEOUT = 1.0
 # How often the router's hot-prefix placements are checked for pins to make.
 _HOT_PIN_INTERVAL = 2.0
 # Prompts whose block keys are kept (~20 KB each for 4k tokens).
@@ -319,20 +318,26 @@ async def open_kvcache_core(config: KvCacheConfig, nursery: trio.Nursery, *,
                               on_change=_on_breaker_change)
 
     policy = RetryPolicy(config.retry.max_attempts, config.retry.base_backoff, config.retry.max_backoff)
-    transports = Transports(http_pool_size, config.request_timeout)
-    tokenize_post = transports.post(config.vllm_endpoint, TOKENIZE_MAX_REPLY_BYTES)
+
+    def pool(base_url: str, max_reply_bytes: int) -> Http11Pool:
+        # Reads have no limit of their own: every call runs under its deadline (the routing
+        # budget, or request_timeout for background work).
+        return Http11Pool(base_url, max_connections=http_pool_size, connect_timeout=config.request_timeout,
+                          write_timeout=config.request_timeout, max_reply_bytes=max_reply_bytes)
+
+    tokenize_pool = pool(config.vllm_endpoint, TOKENIZE_MAX_REPLY_BYTES)
     # Routing gets its own pool, so background work never makes it wait for a connection.
-    routing_post = transports.post(config.lmcache_endpoint, LMCACHE_MAX_REPLY_BYTES)
-    background_post = transports.post(config.lmcache_endpoint, LMCACHE_MAX_REPLY_BYTES)
+    routing_pool = pool(config.lmcache_endpoint, LMCACHE_MAX_REPLY_BYTES)
+    background_pool = pool(config.lmcache_endpoint, LMCACHE_MAX_REPLY_BYTES)
     strategy = config.cache_strategy
     needs_load = ((strategy.enable_compression and strategy.load_threshold > 0)
                   or (strategy.enable_eviction and strategy.memory_threshold > 0))
     sampler = HostLoadSampler(config.load_sample_interval, read_host_load) if needs_load else None
     kv = KvCache(
         config,
-        tokenizer=TokenizerClient(tokenize_post, policy, breaker("tokenize")),
-        routing_client=LmCacheClient(routing_post, policy),
-        background_client=LmCacheClient(background_post, policy),
+        tokenizer=TokenizerClient(tokenize_pool.post_json, policy, breaker("tokenize")),
+        routing_client=LmCacheClient(routing_pool.post_json, policy),
+        background_client=LmCacheClient(background_pool.post_json, policy),
         routing_breaker=breaker("lookup_routing"),
         background_breaker=breaker("lmcache_background"),
         sampler=sampler,
@@ -346,8 +351,8 @@ async def open_kvcache_core(config: KvCacheConfig, nursery: trio.Nursery, *,
         yield kv
     finally:
         sampler_scope.cancel()
-        with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
-            await transports.aclose()
+        for closing in (tokenize_pool, routing_pool, background_pool):
+            closing.close()
 
 
 async def _run_hot_pinner(kv: KvCache, scope: trio.CancelScope) -> None:
