@@ -22,6 +22,8 @@ from typing import Any
 import attrs
 import trio
 
+from pixiu_kv._asgi import BodyTooLarge, receive_body
+
 __all__ = [
     "CostRates",
     "EngineView",
@@ -254,21 +256,17 @@ class OracleApp:
         if path == "/health":
             await _respond(send, 200, b"")
             return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.MAX_BODY:
-                await _respond(send, 413, _error(413, "body too large"))
-                return
-            if not message.get("more_body"):
-                break
+        try:
+            body = await receive_body(receive, self.MAX_BODY)
+        except BodyTooLarge as exc:
+            await _respond(send, 413, _error(413, str(exc)))
+            return
+        if body is None:
+            return  # the client left
         ticket: Ticket | None = None
         index = 0
         if scope["method"] == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
-            tokens = self._tokens(path, bytes(body))
+            tokens = self._tokens(path, body)
             if tokens:
                 ticket = self.router.pick(tokens)
                 index = ticket.index
@@ -280,7 +278,7 @@ class OracleApp:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         async def tagged(message: MutableMapping[str, Any]) -> None:

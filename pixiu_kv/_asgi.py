@@ -10,7 +10,7 @@ import attrs
 from .chain import ASGIReceive, ASGISend
 from .errors import GatewayError
 
-__all__ = ["ResponseTracker", "read_body", "send_error", "send_json"]
+__all__ = ["BodyTooLarge", "ResponseTracker", "read_body", "receive_body", "send_error", "send_json"]
 
 
 @attrs.define(slots=True, eq=False)
@@ -63,13 +63,23 @@ async def send_error(send: ASGISend, error: GatewayError, request_id: str | None
     await send_bytes(send, error.status, error.body(), b"application/json", headers)
 
 
-async def read_body(receive: ASGIReceive, limit: int, content_length: int | None) -> bytes | None:
-    """The whole request body, refusing more than ``limit`` bytes (413) as early as possible.
+class BodyTooLarge(Exception):
+    """A request body (declared or received) went past its limit."""
 
-    Returns None when the client disconnected before sending it all.
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body is larger than the limit of {limit} bytes")
+        self.limit = limit
+
+
+async def receive_body(receive: ASGIReceive, limit: int, content_length: int | None = None) -> bytes | None:
+    """The whole request body of at most ``limit`` bytes; None when the client disconnected
+    before sending it all.
+
+    Raises :class:`BodyTooLarge` as early as possible: before reading anything when the
+    declared ``content_length`` is over the limit, else as soon as the bytes received are.
     """
     if content_length is not None and content_length > limit:
-        raise _too_large(limit)
+        raise BodyTooLarge(limit)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -80,11 +90,19 @@ async def read_body(receive: ASGIReceive, limit: int, content_length: int | None
         if chunk:
             size += len(chunk)
             if size > limit:
-                raise _too_large(limit)
+                raise BodyTooLarge(limit)
             chunks.append(chunk)
         if not message.get("more_body", False):
             break
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def read_body(receive: ASGIReceive, limit: int, content_length: int | None) -> bytes | None:
+    """:func:`receive_body` for the proxied path: a body too large is a 413 in OpenAI shape."""
+    try:
+        return await receive_body(receive, limit, content_length)
+    except BodyTooLarge:
+        raise _too_large(limit) from None
 
 
 def _too_large(limit: int) -> GatewayError:

@@ -25,6 +25,7 @@ from urllib.parse import parse_qs
 
 import trio
 
+from ._asgi import BodyTooLarge, receive_body
 from .chain import ASGIReceive, ASGISend
 from .errors import GatewayError
 from .logs import log_event
@@ -169,24 +170,16 @@ class AdminApp:
         await _send_json(send, 200, decision)
 
     async def _read_body(self, receive: ASGIReceive) -> bytes | None:
-        chunks: list[bytes] = []
-        size = 0
+        body: bytes | None = None
         with trio.move_on_after(self._body_timeout) as timer:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return None
-                chunk = bytes(message.get("body", b""))
-                size += len(chunk)
-                if size > self._max_body:
-                    raise GatewayError(413, f"request body exceeds {self._max_body} bytes",
-                                       code="request_too_large")
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
+            try:
+                body = await receive_body(receive, self._max_body)
+            except BodyTooLarge:
+                raise GatewayError(413, f"request body exceeds {self._max_body} bytes",
+                                   code="request_too_large") from None
         if timer.cancelled_caught:
             raise GatewayError(408, "request body not received in time", code="request_timeout")
-        return b"".join(chunks)
+        return body
 
 
 def _allow(method: str, allowed: str) -> None:

@@ -18,7 +18,10 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from pixiu_kv._asgi import receive_body
 from pixiu_kv.config import KvCacheConfig, TokenCacheConfig
+
+_MAX_BODY = 64 * 1024 * 1024
 
 
 def fake_tokens(text: str) -> list[int]:
@@ -64,14 +67,9 @@ class FakeUpstream:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         path = scope["path"]
-        body = b""
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await receive_body(receive, _MAX_BODY)
+        if body is None:
+            return  # the client left
         self.calls[path] += 1
         self.bodies.setdefault(path, []).append(json.loads(body) if body else None)
         self._notify()
