@@ -16,6 +16,7 @@ trio thread owns it).
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Final
@@ -38,6 +39,10 @@ _SHOWN_COSTS = 4
 # A hot prefix gets another replica when all its engines have more queued than a copy costs,
 # or use this share of their max_in_flight.
 _HOT_BUSY = 0.25
+# A prefix drawing this many engines' fair shares of the traffic is copied without waiting
+# for its engines to fall behind: one engine taking it would carry twice its share of the
+# fleet's requests however fast it keeps up.
+_HOT_WIDE = 2.0
 
 
 @attrs.frozen(slots=True)
@@ -61,16 +66,28 @@ class RouterStats:
 
 
 class _EndpointState:
-    __slots__ = ("lag", "learner", "queue")
+    __slots__ = ("lag", "learner", "queue", "recent", "recent_since")
 
     def __init__(self, learner: PrefillLearner) -> None:
         self.learner = learner
         self.queue = PrefillQueue()
         self.lag = PredictionLag()
+        # Requests routed here lately (decayed over the hot window): among endpoints equal in
+        # cost and in flight, the one that got fewer wins, so equals share traffic evenly
+        # instead of by a hash's chance.
+        self.recent = 0.0
+        self.recent_since = 0.0
+
+    def recent_count(self, now: float, window: float) -> float:
+        if now > self.recent_since:
+            if self.recent > 0.0:
+                self.recent *= math.exp(-(now - self.recent_since) / window)
+            self.recent_since = now
+        return self.recent
 
 
 # One eligible endpoint during a decision (a plain tuple: built 16 times per decision).
-_Row = tuple[EndpointView, _EndpointState, float, int, bool, int, int, float]
+_Row = tuple[EndpointView, _EndpointState, float, int, bool, int, int, float, float]
 _VIEW: Final = 0
 _STATE: Final = 1
 _QUEUED: Final = 2
@@ -79,6 +96,7 @@ _OVERLOADED: Final = 4
 _REAL: Final = 5
 _EFFECTIVE: Final = 6
 _TTFT: Final = 7
+_OWN_TTFT: Final = 8  # the prediction with what the endpoint really holds (no replica credit)
 
 
 class _Pending:
@@ -239,7 +257,7 @@ class Router:
             uncached_cost = learner.per_token
             fixed = queued + running * load + learner.base
             ttft = fixed + uncached_cost * (prompt_tokens - real) + per_cached * real
-            rows.append((view, state, queued, load, overloaded, real, real, ttft))
+            rows.append((view, state, queued, load, overloaded, real, real, ttft, ttft))
         if not rows:
             self._decisions["no-endpoint"] += 1
             return Decision(endpoint_id=None, reason="no-endpoint", matched_tokens=0,
@@ -261,7 +279,9 @@ class Router:
                 if wanted > 1 or self._hot.is_hot(key):
                     row_of = {row[_VIEW].id: i for i, row in enumerate(rows) if not row[_OVERLOADED]}
                     kept = self._hot.current(key)
-                    if wanted > len(kept) and not self._pressed(rows, row_of, kept, matched, hot_tokens):
+                    wide = self._hot.share(key, now) * len(rows) >= _HOT_WIDE * cfg.hot_threshold
+                    if (wanted > len(kept) and not wide
+                            and not self._pressed(rows, row_of, kept, matched, hot_tokens)):
                         # Popular, but its engines keep up: another copy would only take
                         # cache space from other prefixes.
                         wanted = max(1, len(kept))
@@ -276,13 +296,18 @@ class Router:
                             saved = row[_STATE].learner.per_token - per_cached
                             ttft = row[_TTFT] - saved * (hot_tokens - row[_EFFECTIVE])
                             rows[i] = (row[_VIEW], row[_STATE], row[_QUEUED], row[_LOAD],
-                                       row[_OVERLOADED], row[_REAL], hot_tokens, ttft)
+                                       row[_OVERLOADED], row[_REAL], hot_tokens, ttft, row[_OWN_TTFT])
 
         # Rank: predicted TTFT, plus a penalty for computing again what another eligible
         # endpoint holds (a copy costs the fleet cache space: spill only when clearly faster);
-        # ties: load, then a per-prompt hash of the id (identical prompts agree everywhere).
+        # ties: load, then (among a hot prefix's replicas) fewer requests lately, so copies
+        # share its traffic evenly, then a per-prompt hash of the id (identical prompts agree
+        # everywhere). Elsewhere the hash alone breaks ties: alternating between engines
+        # that merely both hold a prefix keeps duplicates warm at other prefixes' expense
+        # (measured in the fleet simulation).
         duplicate = cfg.duplicate_cost_factor
-        ranks: list[tuple[float, int, int, int]] = []
+        window = cfg.hot_window
+        ranks: list[tuple[float, int, int, int, int]] = []
         for i, row in enumerate(rows):
             effective = row[_EFFECTIVE]
             if cost_model:
@@ -292,10 +317,19 @@ class Router:
                 first = score // _COST_RESOLUTION
             else:
                 first = -effective
-            ranks.append((first, row[_LOAD], id_hashes[row[_VIEW].id] ^ salt, i))
+            ranks.append((first, row[_LOAD], 0, id_hashes[row[_VIEW].id] ^ salt, i))
 
         reason: Reason
-        winner = rows[min(ranks)[3]]
+        best = min(ranks)
+        if replicas and rows[best[4]][_VIEW].id in replicas:
+            # A hot prefix's replicas hold the same prefix: costs within one request's fixed
+            # part of the cheapest are noise (a few ms of lag), so among those the least
+            # loaded, then the one that got fewer requests lately, takes it.
+            limit = best[0] + rows[best[4]][_STATE].learner.base / _COST_RESOLUTION
+            spread = [((r[1], int(rows[r[4]][_STATE].recent_count(now, window)), r[3]), r)
+                      for r in ranks if r[0] <= limit and rows[r[4]][_VIEW].id in replicas]
+            best = min(spread)[1]
+        winner = rows[best[4]]
         if best_eligible_real == 0 and not replicas and session_key and cfg.session_affinity:
             loads_by_id = {row[_VIEW].id: row[_LOAD] for row in rows if not row[_OVERLOADED]}
             picked = self._ring.pick(session_key, [(v.id, v.weight) for v in endpoints], loads_by_id,
@@ -324,6 +358,7 @@ class Router:
         # where it pushes traffic away from whichever engines are busy (the holders).
         backlog = state.queue.backlog(now)
         state.queue.add(work, now)
+        state.recent += 1.0
         receipt = (self._index.record(view.id, keys)
                    if self._index is not None and keys is not None else None)
         handle = next(self._handles)
@@ -335,9 +370,9 @@ class Router:
         self._decisions[reason] += 1
 
         shown = tuple((row[_VIEW].id, row[_TTFT], row[_EFFECTIVE], row[_LOAD], row[_OVERLOADED])
-                      for row in (rows[r[3]] for r in sorted(ranks)[:_SHOWN_COSTS]))
+                      for row in (rows[r[4]] for r in sorted(ranks)[:_SHOWN_COSTS]))
         return Decision(endpoint_id=view.id, reason=reason, matched_tokens=real_matched,
-                        prompt_tokens=prompt_tokens, reservation=handle, predicted_ttft=winner[_TTFT],
+                        prompt_tokens=prompt_tokens, reservation=handle, predicted_ttft=winner[_OWN_TTFT],
                         cost_rows=shown)
 
     def _pressed(self, rows: list[_Row], row_of: Mapping[str, int], kept: Sequence[str],

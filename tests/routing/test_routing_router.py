@@ -150,12 +150,32 @@ def test_a_popular_prefix_whose_engines_keep_up_is_not_copied() -> None:
     fleet = _fleet(4)
     system = _prompt(1, 2048)
     placed: Counter[str | None] = Counter()
-    for i in range(60):
+    for i in range(100):
+        # 40% of the traffic (1.6 engines' fair shares), each served before the next arrives.
+        prompt = system + _prompt(1000 + i, 64) if i % 5 < 2 else _prompt(5000 + i, 2112)
+        d = router.decide(fleet, prompt, None, None, now=i * 0.1)
+        if i % 5 < 2:
+            placed[d.endpoint_id] += 1
+        _serve(router, d)
+    assert len(placed) == 1
+    assert router.hot_placements(now=10.0) == []
+
+
+def test_a_prompt_shared_by_every_request_is_copied_everywhere_and_spread_evenly() -> None:
+    # One engine keeps up with it, but it would take all the fleet's requests: a prefix
+    # drawing at least two engines' fair shares is copied without waiting for a queue, and
+    # once every engine holds it, equal costs go to whichever got fewer requests lately.
+    router = Router(RoutingConfig(hot_spread=True))
+    fleet = _fleet(4)
+    system = _prompt(1, 2048)
+    placed: Counter[str | None] = Counter()
+    for i in range(80):
         d = router.decide(fleet, system + _prompt(1000 + i, 64), None, None, now=i * 0.1)
         placed[d.endpoint_id] += 1
-        _serve(router, d)  # served before the next one arrives
-    assert len(placed) == 1
-    assert router.hot_placements(now=6.0) == []
+        _serve(router, d)
+    assert set(placed) == {"e0", "e1", "e2", "e3"}
+    assert max(placed.values()) - min(placed.values()) <= 2
+    assert {p.endpoint_id for p in router.hot_placements(now=8.0)} == {"e0", "e1", "e2", "e3"}
 
 
 def test_replicas_grow_with_popularity_and_cold_prefixes_are_dropped() -> None:
