@@ -322,10 +322,13 @@ class Router:
         reason: Reason
         best = min(ranks)
         if replicas and rows[best[4]][_VIEW].id in replicas:
-            # A hot prefix's replicas hold the same prefix: costs within one request's fixed
-            # part of the cheapest are noise (a few ms of lag), so among those the least
-            # loaded, then the one that got fewer requests lately, takes it.
-            limit = best[0] + rows[best[4]][_STATE].learner.base / _COST_RESOLUTION
+            # A hot prefix's replicas hold the same prefix: among those whose cost is within
+            # a recomputation of the prefix of the cheapest (a lag of a few tens of ms, a
+            # slower moment), the least loaded, then the one that got fewer requests lately,
+            # takes it: replicas exist to share the prefix's traffic, and a replica truly
+            # behind shows it in its in-flight count.
+            band = rows[best[4]][_STATE].learner.predict(hot_tokens)
+            limit = best[0] + band / _COST_RESOLUTION
             spread = [((r[1], int(rows[r[4]][_STATE].recent_count(now, window)), r[3]), r)
                       for r in ranks if r[0] <= limit and rows[r[4]][_VIEW].id in replicas]
             best = min(spread)[1]
