@@ -89,14 +89,41 @@ class BlockSchedule:
         """Chained block keys of ``tokens``: ``key_i = hash((key_{i-1}, block_i))``.
 
         The hash of a tuple of ints is CPython's builtin one, which is independent of
-        PYTHONHASHSEED: every gateway process computes the same keys.
+        PYTHONHASHSEED: every gateway process computes the same keys. ``tokens`` is kept as
+        given (not copied): the caller must not modify it afterwards.
         """
-        seq = tokens if isinstance(tokens, tuple) else tuple(tokens)
-        ends = self.ends(len(seq))
+        ends = self.ends(len(tokens))
+        return PrefixKeys(tokens=tokens, keys=tuple(self._chain(tokens, self._slices[: len(ends)], 0)),
+                          ends=tuple(ends))
+
+    def extend(self, known: PrefixKeys, more: Sequence[int]) -> PrefixKeys:
+        """The keys of ``known``'s prompt followed by ``more`` tokens (a conversation's next
+        turn): ``known``'s whole blocks are kept and only the rest is hashed, so the cost is
+        O(len(more) + one block), not O(prompt). The ids are concatenated (a copy of
+        references or packed ints, far cheaper than hashing them)."""
+        old = known.tokens
+        total = len(old) + len(more)
+        ends = self.ends(total)
+        kept = len(known.keys)
+        start = known.ends[-1] if kept else 0
+        tokens: Sequence[int]
+        if isinstance(old, array):
+            tokens = old + array(old.typecode, more)
+        else:
+            tokens = (old if isinstance(old, tuple) else tuple(old)) + tuple(more)
+        tail = tokens[start:]
+        slices = [slice(block.start - start, block.stop - start) for block in self._slices[kept: len(ends)]]
+        new = self._chain(tail if isinstance(tail, (list, tuple)) else tail.tolist(), slices,
+                          known.keys[-1] if kept else 0)
+        return PrefixKeys(tokens=tokens, keys=known.keys + tuple(new), ends=tuple(ends))
+
+    @staticmethod
+    def _chain(tokens: Sequence[int], blocks: Sequence[slice], h: int) -> list[int]:
+        # Slicing and tuple building run in C (map; a tuple's slice is already one); the
+        # Python loop only pairs each block with the key before it.
         keys: list[int] = []
         append = keys.append
-        h = 0
-        for block in self._slices[: len(ends)]:
-            h = hash((h, seq[block]))
+        for block in map(tuple, map(tokens.__getitem__, blocks)):
+            h = hash((h, block))
             append(h)
-        return PrefixKeys(tokens=seq, keys=tuple(keys), ends=tuple(ends))
+        return keys

@@ -95,14 +95,16 @@ class PrefillQueue:
 
     Work is added when a request is routed (so a burst sees its own decisions), drains at
     one second per second (the engine works), and leaves for good when the request's first
-    byte arrives or it ends. ``outstanding`` counts routed requests not yet ended.
+    byte arrives or it ends. ``outstanding`` counts routed requests not yet ended;
+    ``pending`` is the routed work not yet prefilled (0: nothing can be queued, a caller
+    may skip :meth:`backlog`).
     """
 
-    __slots__ = ("_backlog", "_pending", "_since", "outstanding")
+    __slots__ = ("_backlog", "_since", "outstanding", "pending")
 
     def __init__(self) -> None:
         self._backlog = 0.0
-        self._pending = 0.0
+        self.pending = 0.0
         self._since = -math.inf
         self.outstanding = 0
 
@@ -116,14 +118,14 @@ class PrefillQueue:
     def add(self, work: float, now: float) -> None:
         self.backlog(now)
         self._backlog += work
-        self._pending += work
+        self.pending += work
         self.outstanding += 1
 
     def prefilled(self, work: float, now: float) -> None:
         """A routed request's prefill is over: its work cannot still be queued."""
         self.backlog(now)
-        self._pending = max(0.0, self._pending - work)
-        self._backlog = min(self._backlog, self._pending)
+        self.pending = max(0.0, self.pending - work)
+        self._backlog = min(self._backlog, self.pending)
 
     def ended(self) -> None:
         self.outstanding = max(0, self.outstanding - 1)
@@ -136,24 +138,25 @@ class PredictionLag:
     engine slowed by what the model does not see (a large decode batch, another gateway's
     traffic, a noisy host) delivers later than that. Each observation moves the lag a
     ``weight`` of the way to the observed excess (never below zero); it fades with a
-    ``half_life`` in seconds, since an engine that gets no new work catches up.
+    ``half_life`` in seconds, since an engine that gets no new work catches up. ``level``
+    is the value at the last update (0: :meth:`value` is 0 too).
     """
 
-    __slots__ = ("_half_life", "_since", "_value", "_weight")
+    __slots__ = ("_half_life", "_since", "_weight", "level")
 
     def __init__(self, half_life: float = 1.0, weight: float = 0.25) -> None:
         self._half_life = half_life
         self._weight = weight
-        self._value = 0.0
+        self.level = 0.0
         self._since = -math.inf
 
     def value(self, now: float) -> float:
-        if self._value > 0.0 and now > self._since:
-            self._value *= 0.5 ** ((now - self._since) / self._half_life)
+        if self.level > 0.0 and now > self._since:
+            self.level *= 0.5 ** ((now - self._since) / self._half_life)
             self._since = now
-        return self._value
+        return self.level
 
     def observe(self, excess: float, now: float) -> None:
         current = self.value(now)
-        self._value = current + self._weight * (max(excess, 0.0) - current)
+        self.level = current + self._weight * (max(excess, 0.0) - current)
         self._since = max(now, self._since)

@@ -171,6 +171,11 @@ class Router:
         """The prompt's block keys: cache them with the tokens to save the hashing next time."""
         return self._schedule.keys(tokens)
 
+    def extend_keys(self, previous: PrefixKeys, more: Sequence[int]) -> PrefixKeys:
+        """The keys of ``previous``'s prompt followed by ``more`` tokens (a chat's next turn:
+        the previous prompt, the answer and the new message), hashing only the new tokens."""
+        return self._schedule.extend(previous, more)
+
     def _state(self, view: EndpointView) -> _EndpointState:
         state = self._states.get(view.id)
         if state is None:
@@ -233,31 +238,39 @@ class Router:
         cost_model = cfg.cost_model
         states = self._states
         id_hashes = self._id_hashes
+        down = self._down
         rows: list[_Row] = []
+        append = rows.append
         best_eligible_real = 0
+        # The hot loop of a decision (once per endpoint): locals only, and the queue and lag
+        # are asked only when they hold something.
         for view in endpoints:
-            if view.down is not (view.id in self._down):
-                self._note_down(view.id, view.down)
+            endpoint_id = view.id
+            if (view.down or down) and view.down is not (endpoint_id in down):
+                self._note_down(endpoint_id, view.down)
             if not view.healthy:
                 continue
-            endpoint_id = view.id
             state = states.get(endpoint_id) or self._state(view)
             queue = state.queue
-            load = view.in_flight if view.in_flight > queue.outstanding else queue.outstanding
-            if load >= view.max_in_flight:
+            load = view.in_flight
+            if queue.outstanding > load:
+                load = queue.outstanding
+            cap = view.max_in_flight
+            if load >= cap:
                 continue
             # Predicted work not yet prefilled, plus how late this engine has lately been
             # against its predictions (closes the loop on what the model does not see).
-            queued = queue.backlog(now) + state.lag.value(now)
-            overloaded = load >= ratio * view.max_in_flight or queued > max_queue
-            real = 0 if overloaded or not matched else matched.get(endpoint_id, 0)
+            queued = queue.backlog(now) if queue.pending else 0.0
+            if state.lag.level:
+                queued += state.lag.value(now)
+            overloaded = load >= ratio * cap or queued > max_queue
+            real = matched.get(endpoint_id, 0) if matched and not overloaded else 0
             if real > best_eligible_real:
                 best_eligible_real = real
             learner = state.learner
-            uncached_cost = learner.per_token
-            fixed = queued + running * load + learner.base
-            ttft = fixed + uncached_cost * (prompt_tokens - real) + per_cached * real
-            rows.append((view, state, queued, load, overloaded, real, real, ttft, ttft))
+            ttft = (queued + running * load + learner.base + learner.per_token * (prompt_tokens - real)
+                    + per_cached * real)
+            append((view, state, queued, load, overloaded, real, real, ttft, ttft))
         if not rows:
             self._decisions["no-endpoint"] += 1
             return Decision(endpoint_id=None, reason="no-endpoint", matched_tokens=0,
@@ -307,17 +320,18 @@ class Router:
         # (measured in the fleet simulation).
         duplicate = cfg.duplicate_cost_factor
         window = cfg.hot_window
-        ranks: list[tuple[float, int, int, int, int]] = []
-        for i, row in enumerate(rows):
-            effective = row[_EFFECTIVE]
-            if cost_model:
-                score = row[_TTFT]
-                if effective < best_eligible_real:
-                    score += duplicate * row[_STATE].learner.per_token * (best_eligible_real - effective)
-                first = score // _COST_RESOLUTION
-            else:
-                first = -effective
-            ranks.append((first, row[_LOAD], 0, id_hashes[row[_VIEW].id] ^ salt, i))
+        ranks: list[tuple[float, int, int, int, int]]
+        if not cost_model:
+            ranks = [(-row[_EFFECTIVE], row[_LOAD], 0, id_hashes[row[_VIEW].id] ^ salt, i)
+                     for i, row in enumerate(rows)]
+        elif duplicate and best_eligible_real:
+            ranks = [((row[_TTFT] + duplicate * row[_STATE].learner.per_token
+                       * max(best_eligible_real - row[_EFFECTIVE], 0))
+                      // _COST_RESOLUTION, row[_LOAD], 0, id_hashes[row[_VIEW].id] ^ salt, i)
+                     for i, row in enumerate(rows)]
+        else:
+            ranks = [(row[_TTFT] // _COST_RESOLUTION, row[_LOAD], 0, id_hashes[row[_VIEW].id] ^ salt, i)
+                     for i, row in enumerate(rows)]
 
         reason: Reason
         best = min(ranks)

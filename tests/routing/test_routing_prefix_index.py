@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pixiu_kv.routing import BlockSchedule, PrefixIndex
+from pixiu_kv.routing import BlockSchedule, PrefixIndex, PrefixKeys
 
 
 def _prompt(seed: int, n: int) -> list[int]:
@@ -231,3 +231,32 @@ def test_compact_keys_match_like_the_originals() -> None:
     assert compact.compact() is compact
     index.record("e1", compact)
     assert index.match(keys) == index.match(prompt) == {"e1": 992}
+
+
+@pytest.mark.parametrize("old_length", [0, 10, 16, 500, 512, 1000, 2048, 3001])
+@pytest.mark.parametrize("compact", [False, True])
+def test_extending_known_keys_gives_the_keys_of_the_whole_prompt(old_length: int, compact: bool) -> None:
+    schedule = BlockSchedule(16, 256)
+    whole = _prompt(7, 4200)
+    known = schedule.keys(whole[:old_length])
+    if compact:
+        known = known.compact()
+    extended = schedule.extend(known, whole[old_length:])
+    full = schedule.keys(whole)
+    assert extended.keys == full.keys
+    assert extended.ends == full.ends
+    assert list(extended.tokens) == whole
+    assert extended.compact().keys == full.keys
+
+
+def test_extending_reuses_the_known_keys_instead_of_hashing_the_old_tokens_again() -> None:
+    schedule = BlockSchedule(16, 256)
+    whole = _prompt(8, 3000)
+    real = schedule.keys(whole[:2000])
+    # Keys that no hashing of these tokens would give: extend must keep them as they are and
+    # chain the new blocks from the last one.
+    fake = PrefixKeys(tokens=real.tokens, keys=tuple(range(1, len(real.keys) + 1)), ends=real.ends)
+    extended = schedule.extend(fake, whole[2000:])
+    assert extended.keys[: len(real.keys)] == fake.keys
+    assert extended.keys[len(real.keys):] != schedule.keys(whole).keys[len(real.keys):]
+    assert len(extended.keys) == len(schedule.ends(3000))

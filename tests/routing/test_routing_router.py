@@ -277,6 +277,19 @@ def test_first_sight_prompt_is_routed_and_its_next_turn_follows_it() -> None:
     assert (d2.reason, d2.matched_tokens) == ("cache", 1472)
 
 
+def test_a_next_turn_keyed_by_extending_the_previous_turn_routes_like_its_full_keys() -> None:
+    router = Router()
+    fleet = _fleet(4)
+    turn1 = router.prefix_keys(_prompt(1, 1500)).compact()
+    d1 = router.decide(fleet, turn1, None, None, now=0.0)
+    _serve(router, d1)
+    turn2 = router.extend_keys(turn1, _prompt(2, 300))
+    assert turn2.keys == router.prefix_keys(list(turn1.tokens) + _prompt(2, 300)).keys
+    d2 = router.decide(fleet, turn2, None, None, now=5.0)
+    assert (d2.endpoint_id, d2.reason, d2.matched_tokens) == (d1.endpoint_id, "cache", 1472)
+    assert d2.prompt_tokens == 1800
+
+
 def test_without_the_cost_model_the_best_match_wins_then_the_least_loaded() -> None:
     router = Router(RoutingConfig(cost_model=False, hot_spread=False))
     fleet = _fleet(3, e1=5, e2=1)
