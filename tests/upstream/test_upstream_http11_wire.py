@@ -149,7 +149,8 @@ def test_the_corpus_has_both_kinds() -> None:
 
 
 def test_errors_say_which_kind() -> None:
-    for raw, error in ((REPLIES["not-http"], MalformedReply), (REPLIES["truncated-length"], UpstreamUnavailable),
+    for raw, error in ((REPLIES["not-http"], MalformedReply),
+                       (REPLIES["truncated-length"], UpstreamUnavailable),
                        (REPLIES["truncated-head"], UpstreamUnavailable)):
         parser = ReplyParser()
         parser.expect_reply(no_body=False)
