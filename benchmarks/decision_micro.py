@@ -6,8 +6,12 @@ Measured with ``time.process_time`` (CPU of this process, not wall time) over ba
 decisions; the callbacks that release reservations run between batches, outside the
 measurement. Prompts come from a pool: 8 groups sharing a system prompt of half the
 length, each with its own question, so the index holds real matches (several endpoints
-hold each group's prefix) as in a shared-prefix workload. Reported: the median of
-``--repeats`` runs, per decision, for each part of the pipeline.
+hold each group's prefix) as in a shared-prefix workload. Token ids are hashed afresh
+on every ``decide(token ids)`` (the router keeps no keys between decisions). A chat's next
+turn is measured as ``Router.extend_keys`` of the previous turn's keys (the prompt's
+first ``--tokens - 256`` tokens) by 256 new tokens, then the decision. Reported: the
+median of ``--repeats`` runs, per decision, for each part of the pipeline, and its ratio to
+hashing the prompt's ids once in the same run (the machine may be shared and noisy).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pixiu_kv.routing import Decision, EndpointView, PrefixKeys, Router, RoutingConfig
 
 _BATCH = 32
+_NEW_TURN_TOKENS = 256
 
 
 def _pool(tokens: int, groups: int, per_group: int, seed: int = 7) -> list[list[int]]:
@@ -49,6 +54,10 @@ class _Bench:
         self.router = Router(RoutingConfig())
         _warm(self.router, self.fleet, self.prompts)
         self.keys = [self.router.prefix_keys(p) for p in self.prompts]
+        # A next turn: the previous turn's keys (compact, as a token cache keeps them) and
+        # the 256 tokens the turn adds.
+        self.turns = [(self.router.prefix_keys(p[:tokens - _NEW_TURN_TOKENS]).compact(),
+                       p[tokens - _NEW_TURN_TOKENS:]) for p in self.prompts]
         self.lookups = [{self.fleet[i % endpoints].id: tokens // 2} for i in range(len(self.prompts))]
         index = self.router.index
         assert index is not None
@@ -78,6 +87,21 @@ class _Bench:
 
     def decide_keys(self, start: int) -> None:
         self._decide(start, self.keys, False)
+
+    def decide_next_turn(self, start: int) -> None:
+        now = self.now
+        decide = self.router.decide
+        extend = self.router.extend_keys
+        for i in range(start, start + _BATCH):
+            previous, added = self.turns[i % len(self.turns)]
+            self.decisions.append(decide(self.fleet, extend(previous, added), None, None, now))
+        self.now = now + 0.5
+
+    def extend_keys(self, start: int) -> None:
+        extend = self.router.extend_keys
+        for k in range(start, start + _BATCH):
+            previous, added = self.turns[k % len(self.turns)]
+            extend(previous, added)
 
     def block_keys(self, start: int) -> None:
         for k in range(start, start + _BATCH):
@@ -118,7 +142,9 @@ def measure(iterations: int, endpoints: int, tokens: int, repeats: int) -> dict[
             ("decide(token ids)", bench.decide_tokens),
             ("decide(token ids) + LMCache lookup", bench.decide_tokens_lookup),
             ("decide(cached PrefixKeys)", bench.decide_keys),
+            ("decide(next turn: extend_keys)", bench.decide_next_turn),
             ("  part: block keys", bench.block_keys),
+            ("  part: extend keys (+256 tokens)", bench.extend_keys),
             ("  part: index match", bench.index_match),
             ("  part: index record", bench.index_record),
             ("reference: hash(tuple(token ids))", bench.reference),

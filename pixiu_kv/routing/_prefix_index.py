@@ -157,29 +157,30 @@ class PrefixIndex:
         move_to_end = entries.move_to_end
         prior: list[float | None] = []
         append = prior.append
-        missing = len(keys)  # first block the endpoint does not hold
-        i = len(keys)
         # Deepest first: a prefix must end up at least as recent as its extensions.
         for key in reversed(keys):
-            i -= 1
             entry = get(key)
             if entry is None:
                 entries[key] = {endpoint_id: before}
                 append(None)
-                missing = i
             else:
                 move_to_end(key)
-                stamp = entry.get(endpoint_id)
-                append(stamp)
-                if stamp is None or stamp < cutoff:
-                    missing = i
+                append(entry.get(endpoint_id))
                 entry[endpoint_id] = before
+        prior.reverse()
         self.lookups += len(keys)
-        if missing < len(keys):
+        # The endpoint's holdings are prefix-closed: when it held the deepest block it held
+        # them all; otherwise the first block it lacked is found from the front.
+        deepest = prior[-1] if prior else before
+        if deepest is None or deepest < cutoff:
+            missing = 0
+            for stamp in prior:
+                if stamp is None or stamp < cutoff:
+                    break
+                missing += 1
             self._inserted[endpoint_id] = before + pk.ends[-1] - (pk.ends[missing - 1] if missing else 0)
         while len(entries) > self._max_entries:
             entries.popitem(last=False)
-        prior.reverse()
         return prior, before
 
     def observe(self, endpoint_id: str, tokens: Sequence[int] | PrefixKeys, cached_tokens: int, *,

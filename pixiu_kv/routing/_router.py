@@ -292,15 +292,15 @@ class Router:
                 if wanted > 1 or self._hot.is_hot(key):
                     row_of = {row[_VIEW].id: i for i, row in enumerate(rows) if not row[_OVERLOADED]}
                     kept = self._hot.current(key)
-                    wide = self._hot.share(key, now) * len(rows) >= _HOT_WIDE * cfg.hot_threshold
-                    if (wanted > len(kept) and not wide
+                    if (wanted > len(kept)
+                            and self._hot.share(key, now) * len(rows) < _HOT_WIDE * cfg.hot_threshold
                             and not self._pressed(rows, row_of, kept, matched, hot_tokens)):
                         # Popular, but its engines keep up: another copy would only take
                         # cache space from other prefixes.
                         wanted = max(1, len(kept))
                     replicas = self._hot.replicas(
                         key, wanted, keys.tokens, usable=row_of.__contains__,
-                        holders=[e for e, n in matched.items() if n >= hot_tokens],
+                        holders=(e for e, n in matched.items() if n >= hot_tokens),
                         by_load=lambda: sorted(row_of, key=lambda e: (rows[row_of[e]][_QUEUED], e)))
                     for endpoint_id in replicas:
                         i = row_of[endpoint_id]
@@ -326,7 +326,7 @@ class Router:
                      for i, row in enumerate(rows)]
         elif duplicate and best_eligible_real:
             ranks = [((row[_TTFT] + duplicate * row[_STATE].learner.per_token
-                       * max(best_eligible_real - row[_EFFECTIVE], 0))
+                       * (best_eligible_real - row[_EFFECTIVE] if row[_EFFECTIVE] < best_eligible_real else 0))
                       // _COST_RESOLUTION, row[_LOAD], 0, id_hashes[row[_VIEW].id] ^ salt, i)
                      for i, row in enumerate(rows)]
         else:
