@@ -325,8 +325,9 @@ class Router:
             ranks = [(-row[_EFFECTIVE], row[_LOAD], 0, id_hashes[row[_VIEW].id] ^ salt, i)
                      for i, row in enumerate(rows)]
         elif duplicate and best_eligible_real:
+            top = best_eligible_real
             ranks = [((row[_TTFT] + duplicate * row[_STATE].learner.per_token
-                       * (best_eligible_real - row[_EFFECTIVE] if row[_EFFECTIVE] < best_eligible_real else 0))
+                       * (top - row[_EFFECTIVE] if row[_EFFECTIVE] < top else 0))
                       // _COST_RESOLUTION, row[_LOAD], 0, id_hashes[row[_VIEW].id] ^ salt, i)
                      for i, row in enumerate(rows)]
         else:
