@@ -31,7 +31,10 @@ class PrefixKeys:
     """The block keys of one prompt: ``keys[i]`` names the prefix ``tokens[:ends[i]]``.
 
     Computing it is the costly part of a decision (O(prompt tokens)); a caller that sees the
-    same prompt again (a token cache) can keep it and pass it instead of the tokens.
+    same prompt again (a token cache) can keep it and pass it instead of the tokens, and a
+    caller that sees a prompt continue a known one can extend it
+    (:meth:`BlockSchedule.extend`). ``tokens`` is a tuple of the ids or, after
+    :meth:`compact`, a packed array.
     """
 
     tokens: Sequence[int] = attrs.field(repr=False)
@@ -89,11 +92,13 @@ class BlockSchedule:
         """Chained block keys of ``tokens``: ``key_i = hash((key_{i-1}, block_i))``.
 
         The hash of a tuple of ints is CPython's builtin one, which is independent of
-        PYTHONHASHSEED: every gateway process computes the same keys. ``tokens`` is kept as
-        given (not copied): the caller must not modify it afterwards.
+        PYTHONHASHSEED: every gateway process computes the same keys. The ids are copied to
+        one tuple first, whose slices are then blocks as they are (measured: slicing the
+        caller's list into lists and those into tuples costs more).
         """
-        ends = self.ends(len(tokens))
-        return PrefixKeys(tokens=tokens, keys=tuple(self._chain(tokens, self._slices[: len(ends)], 0)),
+        seq = tokens if isinstance(tokens, tuple) else tuple(tokens)
+        ends = self.ends(len(seq))
+        return PrefixKeys(tokens=seq, keys=tuple(self._chain(seq, self._slices[: len(ends)], 0)),
                           ends=tuple(ends))
 
     def extend(self, known: PrefixKeys, more: Sequence[int]) -> PrefixKeys:
@@ -113,17 +118,15 @@ class BlockSchedule:
             tokens = (old if isinstance(old, tuple) else tuple(old)) + tuple(more)
         tail = tokens[start:]
         slices = [slice(block.start - start, block.stop - start) for block in self._slices[kept: len(ends)]]
-        new = self._chain(tail if isinstance(tail, (list, tuple)) else tail.tolist(), slices,
+        new = self._chain(tail if isinstance(tail, tuple) else tuple(tail), slices,
                           known.keys[-1] if kept else 0)
         return PrefixKeys(tokens=tokens, keys=known.keys + tuple(new), ends=tuple(ends))
 
     @staticmethod
-    def _chain(tokens: Sequence[int], blocks: Sequence[slice], h: int) -> list[int]:
-        # Slicing and tuple building run in C (map; a tuple's slice is already one); the
-        # Python loop only pairs each block with the key before it.
+    def _chain(tokens: tuple[int, ...], blocks: Sequence[slice], h: int) -> list[int]:
         keys: list[int] = []
         append = keys.append
-        for block in map(tuple, map(tokens.__getitem__, blocks)):
-            h = hash((h, block))
+        for block in blocks:
+            h = hash((h, tokens[block]))
             append(h)
         return keys
