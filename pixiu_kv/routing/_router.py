@@ -279,6 +279,7 @@ class Router:
         # Hot prefix: the deepest prefix anyone holds, if popular, gets replicas, which are
         # then costed as if they held it (the first request to a new replica places it).
         replicas: list[str] = []
+        row_of: dict[str, int] = {}
         hot_tokens = 0
         best_real = max(matched.values(), default=0)
         if self._hot is not None and keys is not None:
@@ -344,8 +345,9 @@ class Router:
             # behind shows it in its in-flight count.
             band = rows[best[4]][_STATE].learner.predict(hot_tokens)
             limit = best[0] + band / _COST_RESOLUTION
+            # (ranks are in row order)
             spread = [((r[1], int(rows[r[4]][_STATE].recent_count(now, window)), r[3]), r)
-                      for r in ranks if r[0] <= limit and rows[r[4]][_VIEW].id in replicas]
+                      for r in (ranks[row_of[e]] for e in replicas) if r[0] <= limit]
             best = min(spread)[1]
         winner = rows[best[4]]
         if best_eligible_real == 0 and not replicas and session_key and cfg.session_affinity:
