@@ -72,9 +72,9 @@ class _EndpointState:
         self.learner = learner
         self.queue = PrefillQueue()
         self.lag = PredictionLag()
-        # Requests routed here lately (decayed over the hot window): among endpoints equal in
-        # cost and in flight, the one that got fewer wins, so equals share traffic evenly
-        # instead of by a hash's chance.
+        # Requests routed here lately (decayed over the hot window): among a hot prefix's
+        # replicas of about equal cost and equal load, the one that got fewer wins, so they
+        # share its traffic evenly instead of by a hash's chance.
         self.recent = 0.0
         self.recent_since = 0.0
 
@@ -321,35 +321,35 @@ class Router:
         # (measured in the fleet simulation).
         duplicate = cfg.duplicate_cost_factor
         window = cfg.hot_window
-        ranks: list[tuple[float, int, int, int, int]]
+        ranks: list[tuple[float, int, int, int]]
         if not cost_model:
-            ranks = [(-row[_EFFECTIVE], row[_LOAD], 0, id_hashes[row[_VIEW].id] ^ salt, i)
+            ranks = [(-row[_EFFECTIVE], row[_LOAD], id_hashes[row[_VIEW].id] ^ salt, i)
                      for i, row in enumerate(rows)]
         elif duplicate and best_eligible_real:
             top = best_eligible_real
             ranks = [((row[_TTFT] + duplicate * row[_STATE].learner.per_token
                        * (top - row[_EFFECTIVE] if row[_EFFECTIVE] < top else 0))
-                      // _COST_RESOLUTION, row[_LOAD], 0, id_hashes[row[_VIEW].id] ^ salt, i)
+                      // _COST_RESOLUTION, row[_LOAD], id_hashes[row[_VIEW].id] ^ salt, i)
                      for i, row in enumerate(rows)]
         else:
-            ranks = [(row[_TTFT] // _COST_RESOLUTION, row[_LOAD], 0, id_hashes[row[_VIEW].id] ^ salt, i)
+            ranks = [(row[_TTFT] // _COST_RESOLUTION, row[_LOAD], id_hashes[row[_VIEW].id] ^ salt, i)
                      for i, row in enumerate(rows)]
 
         reason: Reason
         best = min(ranks)
-        if replicas and rows[best[4]][_VIEW].id in replicas:
+        if replicas and rows[best[3]][_VIEW].id in replicas:
             # A hot prefix's replicas hold the same prefix: among those whose cost is within
             # a recomputation of the prefix of the cheapest (a lag of a few tens of ms, a
             # slower moment), the least loaded, then the one that got fewer requests lately,
             # takes it: replicas exist to share the prefix's traffic, and a replica truly
             # behind shows it in its in-flight count.
-            band = rows[best[4]][_STATE].learner.predict(hot_tokens)
+            band = rows[best[3]][_STATE].learner.predict(hot_tokens)
             limit = best[0] + band / _COST_RESOLUTION
             # (ranks are in row order)
-            spread = [((r[1], int(rows[r[4]][_STATE].recent_count(now, window)), r[3]), r)
+            spread = [((r[1], int(rows[r[3]][_STATE].recent_count(now, window)), r[2]), r)
                       for r in (ranks[row_of[e]] for e in replicas) if r[0] <= limit]
             best = min(spread)[1]
-        winner = rows[best[4]]
+        winner = rows[best[3]]
         if best_eligible_real == 0 and not replicas and session_key and cfg.session_affinity:
             loads_by_id = {row[_VIEW].id: row[_LOAD] for row in rows if not row[_OVERLOADED]}
             picked = self._ring.pick(session_key, [(v.id, v.weight) for v in endpoints], loads_by_id,
@@ -378,7 +378,7 @@ class Router:
         # where it pushes traffic away from whichever engines are busy (the holders).
         backlog = state.queue.backlog(now)
         state.queue.add(work, now)
-        state.recent += 1.0
+        state.recent = state.recent_count(now, window) + 1.0
         receipt = (self._index.record(view.id, keys)
                    if self._index is not None and keys is not None else None)
         handle = next(self._handles)
@@ -390,7 +390,7 @@ class Router:
         self._decisions[reason] += 1
 
         shown = tuple((row[_VIEW].id, row[_TTFT], row[_EFFECTIVE], row[_LOAD], row[_OVERLOADED])
-                      for row in (rows[r[4]] for r in sorted(ranks)[:_SHOWN_COSTS]))
+                      for row in (rows[r[3]] for r in sorted(ranks)[:_SHOWN_COSTS]))
         return Decision(endpoint_id=view.id, reason=reason, matched_tokens=real_matched,
                         prompt_tokens=prompt_tokens, reservation=handle, predicted_ttft=winner[_OWN_TTFT],
                         cost_rows=shown)
