@@ -160,6 +160,8 @@ def routing_settings(model: str, engine: dict[str, Any]) -> dict[str, Any]:
         # hit ratio; the default (1.0) is what the idealised fleet simulation favours.
         "duplicate_cost_factor": 0.0,
         "base_latency": f"{20.0 / speed:.3f}ms",
+        # The overload guard's queue limit is a time too: the default 2 s, at the fleet's speed.
+        "overload_queue_time": f"{2.0 / speed:.3f}s",
         "running_request_cost": f"{2.0 / speed:.3f}ms",
         "tokenizers": [{"model": model, "path": "builtin:sim"}],
     }
