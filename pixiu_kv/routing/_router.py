@@ -263,7 +263,7 @@ class Router:
             queued = queue.backlog(now) if queue.pending else 0.0
             if state.lag.level:
                 queued += state.lag.value(now)
-            overloaded = load >= ratio * cap or queued > max_queue
+            overloaded = load >= ratio * cap
             real = matched.get(endpoint_id, 0) if matched and not overloaded else 0
             if real > best_eligible_real:
                 best_eligible_real = real
@@ -275,6 +275,21 @@ class Router:
             self._decisions["no-endpoint"] += 1
             return Decision(endpoint_id=None, reason="no-endpoint", matched_tokens=0,
                             prompt_tokens=prompt_tokens)
+        # Overloaded also: more than ``overload_queue_time`` queued beyond the least queued
+        # eligible endpoint. Relative, because when the whole fleet is saturated no engine is
+        # faster than another, and computing a prefix again elsewhere only adds work to every
+        # queue: cache affinity is then worth the most, not the least.
+        limit = min(row[_QUEUED] for row in rows) + max_queue
+        if any(row[_QUEUED] > limit for row in rows):
+            best_eligible_real = 0
+            for i, row in enumerate(rows):
+                real = row[_REAL]
+                if row[_QUEUED] > limit:
+                    extra = (row[_STATE].learner.per_token - per_cached) * real
+                    rows[i] = (row[_VIEW], row[_STATE], row[_QUEUED], row[_LOAD], True, 0, 0,
+                               row[_TTFT] + extra, row[_OWN_TTFT] + extra)
+                elif real > best_eligible_real:
+                    best_eligible_real = real
 
         # Hot prefix: the deepest prefix anyone holds, if popular, gets replicas, which are
         # then costed as if they held it (the first request to a new replica places it).

@@ -75,7 +75,9 @@ class RoutingConfig:
       uncached prefill + cached load + running requests), learned online per endpoint from
       the priors below. Off: the least-loaded eligible endpoint among the best cache matches.
     * ``overload_*``: an endpoint at ``overload_in_flight_ratio`` of its ``max_in_flight`` or
-      with more than ``overload_queue_time`` of predicted queued prefill gets no cache credit.
+      with more than ``overload_queue_time`` of predicted queued prefill beyond the least
+      queued eligible endpoint gets no cache credit (relative: a uniformly saturated fleet
+      keeps its cache affinity).
     * ``hot_spread``: a prefix whose share of traffic exceeds ``hot_threshold`` of one
       endpoint's fair share is placed on more endpoints (one more per threshold's worth).
     * ``session_affinity``: without any cache signal, requests with the same session key (the

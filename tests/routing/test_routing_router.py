@@ -53,6 +53,22 @@ def test_overload_beats_affinity(case: str, e0: dict[str, object], queued_before
         assert d.matched_tokens == 0
 
 
+def test_a_saturated_fleet_keeps_cache_affinity() -> None:
+    # Every engine has ~4.5 s queued (past the 2 s guard): none is faster than another, so
+    # computing the prefix again elsewhere would only add work; the holder keeps its credit.
+    router = Router(RoutingConfig(hot_spread=False, session_affinity=False))
+    prompt = _prompt(1, 3000)
+    assert router.index is not None
+    router.index.record("e2", prompt)
+    fleet = _fleet()
+    for e, view in enumerate(fleet):
+        for i in range(9):
+            router.decide([view], _prompt(100 + 10 * e + i, 4000), None, None, now=1.0)
+    d = router.decide(fleet, prompt + _prompt(2, 50), None, None, now=1.0)
+    assert (d.endpoint_id, d.reason) == ("e2", "cache")
+    assert d.matched_tokens > 2800  # whole blocks of the 3000-token prompt
+
+
 @pytest.mark.parametrize(("holder_queue_requests", "duplicate_cost_factor", "expect_holder"), [
     (0, 0.0, True),   # cached prefix: ~2 s of prefill saved
     (1, 0.0, True),   # 0.5 s queued < 2 s saved
