@@ -222,6 +222,12 @@ class PrefixIndex:
             capacity = lower
         if upper is not None and upper <= capacity:
             capacity = max(upper - block, lower if lower is not None else 0.0, float(block))
+            if math.isfinite(self._default_capacity):
+                # A configured size is the operator's fact: a miss below it comes from the
+                # blocks running requests occupy, or from traffic this gateway does not see,
+                # not from a smaller cache. Learning it down made a saturated fleet forget
+                # conversations it still held and scatter their next turns.
+                capacity = max(capacity, self._default_capacity)
         if capacity != self.capacity(endpoint_id):
             self._capacity[endpoint_id] = capacity
         evicted = believed > confirmed

@@ -183,6 +183,17 @@ def test_a_hit_beyond_the_believed_capacity_raises_it() -> None:
     assert index.capacity("e1") >= 3072
 
 
+def test_a_configured_capacity_is_not_learned_down() -> None:
+    index = PrefixIndex(max_entries=100_000, engine_cache_tokens=4096)
+    old = _prompt(1, 1024)
+    index.record("e1", old)
+    index.record("e1", _prompt(2, 1024))
+    receipt = index.record("e1", old)
+    assert index.observe("e1", old, cached_tokens=0, receipt=receipt)  # a miss ...
+    assert index.capacity("e1") == 4096  # ... does not shrink what the operator configured
+    assert index.match(old) == {"e1": 1024}  # and the prompt it computed again is held
+
+
 def test_observe_without_a_receipt_uses_the_current_belief_and_records() -> None:
     index = PrefixIndex(max_entries=100_000)
     old, recent, probe = _prompt(1, 512), _prompt(2, 512), _prompt(3, 512)
