@@ -40,7 +40,7 @@ import attrs
 import h11
 import trio
 
-__all__ = ["AsgiApp", "HttpServerConfig", "serve_asgi"]
+__all__ = ["SEND_NOWAIT", "AsgiApp", "HttpServerConfig", "SendNowait", "serve_asgi"]
 
 Message = MutableMapping[str, Any]
 AsgiApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Message]],
@@ -52,6 +52,15 @@ _ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errn
 _ACCEPT_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
 _CLOSE = (b"connection", b"close")
+
+SEND_NOWAIT = "pixiu_kv.send_nowait"
+"""ASGI scope extension of this server: ``scope["extensions"][SEND_NOWAIT]`` is a
+:data:`SendNowait` for a streamed response body (headers already sent)."""
+SendNowait = Callable[[bytes], bool]
+"""Write one body chunk of a streamed response without blocking. False: the socket took
+only part of it; the rest is kept (at most one chunk) and goes out first with the next
+``send``, which the caller must make (an empty ``more_body`` body is enough). A chunk
+for a peer that is gone is dropped (True): the app learns of it from ``http.disconnect``."""
 
 
 def _positive(instance: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
@@ -146,6 +155,7 @@ class _Connection:
         self.held_head: tuple[int, list[tuple[bytes, bytes]]] | None = None
         self.chunked = False
         self.waiter: trio.CancelScope | None = None
+        self.unsent = b""
 
     def stop_if_idle(self) -> None:
         if self.idle_scope is not None:
@@ -231,6 +241,7 @@ class _Connection:
             "headers": list(request.headers),
             "client": self.client,
             "server": self.local,
+            "extensions": {SEND_NOWAIT: self.send_nowait},
         }
 
     async def _run_app(self, request: h11.Request) -> None:
@@ -368,11 +379,35 @@ class _Connection:
             if not more_body:
                 self.complete = True
                 out.append(self._h11_bytes(h11.EndOfMessage()))
+            if self.unsent:
+                out.insert(0, self.unsent)
+                self.unsent = b""
             await self._write(b"".join(out) if len(out) != 1 else out[0])
             if self.complete:
                 self._wake_waiter()
         else:
             raise RuntimeError(f"unsupported ASGI message {kind!r}")
+
+    def send_nowait(self, body: bytes) -> bool:
+        if not self.started or self.complete or self.held_head is not None or not self.chunked:
+            raise RuntimeError("send_nowait outside a streamed (chunked) response body")
+        if self.unsent:
+            raise RuntimeError("send_nowait before the unsent rest of a chunk was sent")
+        if self.peer_gone or not body or self.head_request:
+            return True
+        data = b"%x\r\n%b\r\n" % (len(body), body)
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.peer_gone = True
+            self._wake_waiter()
+            return True
+        if sent == len(data):
+            return True
+        self.unsent = data[sent:]
+        return False
 
     def _head_bytes(self) -> bytes:
         assert self.held_head is not None

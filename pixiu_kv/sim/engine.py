@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from ._http_server import SEND_NOWAIT, SendNowait
 from .costmodel import PrefillPlan
 from .cpu_tier import CpuTier
 from .engine_config import EngineConfig
@@ -67,6 +68,12 @@ async def _respond(send: Send, status: int, body: bytes = b"",
         headers.extend(extra)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _send_nowait(scope: Scope) -> SendNowait | None:
+    extensions = scope.get("extensions")
+    send_nowait: SendNowait | None = extensions.get(SEND_NOWAIT) if extensions else None
+    return send_nowait
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -231,13 +238,14 @@ class SimEngine:
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         req = parse_completion(parse_json(_header(scope, b"content-type"), body), self.config)
-        await self._watched(receive, lambda: self._serve(req, send, "cmpl-"))
+        await self._watched(receive, lambda: self._serve(req, send, "cmpl-", _send_nowait(scope)))
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         req = parse_chat(parse_json(_header(scope, b"content-type"), body), self.config)
-        await self._watched(receive, lambda: self._serve(req, send, "chatcmpl-"))
+        await self._watched(receive, lambda: self._serve(req, send, "chatcmpl-", _send_nowait(scope)))
 
-    async def _serve(self, req: GenerationRequest, send: Send, id_prefix: str) -> None:
+    async def _serve(self, req: GenerationRequest, send: Send, id_prefix: str,
+                     send_nowait: SendNowait | None) -> None:
         if await self._apply_faults(send):
             return
         scheduler = self.scheduler
@@ -252,7 +260,7 @@ class SimEngine:
         self._generating += 1
         try:
             if req.stream:
-                await self._serve_stream(req, send, request_id, created)
+                await self._serve_stream(req, send, request_id, created, send_nowait)
             else:
                 await self._serve_unary(req, send, request_id, created)
         finally:
@@ -276,9 +284,13 @@ class SimEngine:
             return  # the server closes the connection mid-body
         await _respond(send, 200, body)
 
-    async def _serve_stream(self, req: GenerationRequest, send: Send, request_id: str, created: int) -> None:
+    async def _serve_stream(self, req: GenerationRequest, send: Send, request_id: str, created: int,
+                            send_nowait: SendNowait | None) -> None:
         """Stream events, one body write per decode step; the last step, the usage chunk,
-        ``[DONE]`` and the end of the body go out in one write."""
+        ``[DONE]`` and the end of the body go out in one write. With the server's
+        ``send_nowait`` the decode steps after the first are written by the batch's step
+        timer (no task switch per token); this task runs again only for the end of the
+        stream, or to flush a write the socket did not take."""
         renderer = StreamRenderer(req, request_id, created)
         drop_after = self.faults.config.drop_after_chunks
         pending: list[bytes] = []
@@ -299,7 +311,8 @@ class SimEngine:
         interval = self.config.stream_interval
         unsent: list[list[int]] = [[] for _ in range(req.n)]
 
-        async def on_step(step: int, ids: list[int], plan: PrefillPlan) -> None:
+        def render(step: int, ids: list[int], plan: PrefillPlan) -> bool:
+            """Add the step's events to ``pending``; True when they should be written now."""
             if step == 0:
                 pending.extend(renderer.role_events())
             for held, token in zip(unsent, ids, strict=True):
@@ -310,14 +323,26 @@ class SimEngine:
                 pending.extend(renderer.token_events(unsent, last, plan.cached_tokens))
                 for held in unsent:
                     held.clear()
-            if pending and not last:
+            return bool(pending) and not last
+
+        async def on_step(step: int, ids: list[int], plan: PrefillPlan) -> None:
+            if step < 0 or render(step, ids, plan):  # step -1: flush what deliver left
                 await flush(True)
+
+        def deliver(step: int, ids: list[int], plan: PrefillPlan) -> bool:
+            assert send_nowait is not None
+            if not render(step, ids, plan):
+                return True
+            body = b"".join(pending)
+            pending.clear()
+            return send_nowait(body)
 
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         try:
             try:
                 gen = await self.scheduler.generate(
                     req.prompt_ids, req.max_tokens, n=req.n, seed=req.seed, on_step=on_step,
+                    deliver=deliver if send_nowait is not None and drop_after is None else None,
                     extra_token_delay=self.faults.config.slow_stream_s,
                 )
             except EngineOverloaded:

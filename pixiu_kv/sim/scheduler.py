@@ -28,11 +28,17 @@ from .metrics import EngineMetrics
 from .prefix_cache import BlockAllocation, PrefixCache, block_hashes
 from .tokenizer import VOCAB_SIZE
 
-__all__ = ["EngineOverloaded", "Generation", "Scheduler", "StepCallback"]
+__all__ = ["EngineOverloaded", "Generation", "Scheduler", "StepCallback", "StepDelivery"]
 
 StepCallback = Callable[[int, list[int], PrefillPlan], Awaitable[None]]
 """Called once per decode step with the step index, one new token id per choice, and the
 prompt's prefill plan (what was cached)."""
+
+StepDelivery = Callable[[int, list[int], PrefillPlan], bool]
+"""The same step, delivered without blocking by whichever task runs the batch step (so
+hundreds of parked streams cost no task switch per token). False: the step's output
+could not all be written; the stream's own task then runs ``on_step`` for a step with
+no new tokens (its flush), and the stream follows the batch again."""
 
 _FIRST_OUTPUT_ID = 256
 
@@ -69,6 +75,23 @@ class _Waiter:
     allocation: BlockAllocation | None = None
 
 
+@attrs.define(eq=False)
+class _Follower:
+    """A lockstep stream whose steps the step-timer holder delivers."""
+
+    base: int
+    n: int
+    max_tokens: int
+    outputs: list[list[int]]
+    plan: PrefillPlan
+    deliver: StepDelivery
+    next_step: int = 1
+    stopped: bool = False
+    """Finished, or its output waits for an async flush: its task must run."""
+    wake: trio.Event | None = None
+    failure: BaseException | None = None
+
+
 class Scheduler:
     """The engine core: GPU prefix cache, CPU tier, cost model, batch, metrics."""
 
@@ -87,6 +110,8 @@ class Scheduler:
         self._step_timer_held = False
         self._decoding = 0
         self._step_lot = trio.lowlevel.ParkingLot()
+        self._followers: dict[_Follower, None] = {}
+        """Streams delivered to by the step-timer holder (insertion-ordered set)."""
 
     @property
     def running(self) -> int:
@@ -143,16 +168,80 @@ class Scheduler:
             if self._step_timer_held:
                 await self._step_lot.park()
                 continue
-            self._step_timer_held = True
-            try:
-                deadline = self._step_time + self.cost.decode_interval(self._running) + extra_delay
-                await trio.sleep_until(deadline)
-                self._step += 1
-                self._step_time = deadline
-            finally:
-                self._step_timer_held = False
-                self._step_lot.unpark_all()
+            await self._hold_step_timer(extra_delay)
         return self._step
+
+    async def _hold_step_timer(self, extra_delay: float) -> None:
+        """Sleep one batch step, advance the counter, deliver the followers' tokens."""
+        self._step_timer_held = True
+        try:
+            deadline = self._step_time + self.cost.decode_interval(self._running) + extra_delay
+            await trio.sleep_until(deadline)
+            self._step += 1
+            self._step_time = deadline
+            if self._followers:
+                self._deliver_step()
+        finally:
+            self._step_timer_held = False
+            self._step_lot.unpark_all()
+            # If this task does not take the timer again at once, a parked follower must:
+            # wake one (a woken one that finds the timer held parks again).
+            for follower in self._followers:
+                if follower.wake is not None:
+                    follower.wake.set()
+                    break
+
+    def _deliver_step(self) -> None:
+        for follower in list(self._followers):
+            step = follower.next_step
+            ids = [output_token(follower.base, c, step) for c in range(follower.n)]
+            for out, token in zip(follower.outputs, ids, strict=True):
+                out.append(token)
+            follower.next_step = step + 1
+            try:
+                delivered = follower.deliver(step, ids, follower.plan)
+            except Exception as error:  # raised again in the stream's own task
+                follower.failure = error
+                delivered = False
+            if not delivered or follower.next_step >= follower.max_tokens:
+                follower.stopped = True
+                del self._followers[follower]
+                if follower.wake is not None:
+                    follower.wake.set()
+
+    async def _follow(self, follower: _Follower, extra_delay: float) -> None:
+        """Until the holder stops ``follower``: park, or hold the step timer."""
+        follower.stopped = False
+        self._followers[follower] = None
+        try:
+            while not follower.stopped:
+                if self._step_timer_held:
+                    follower.wake = wake = trio.Event()
+                    try:
+                        await wake.wait()
+                    finally:
+                        follower.wake = None
+                    continue
+                await self._hold_step_timer(extra_delay)
+        finally:
+            self._followers.pop(follower, None)
+        if follower.failure is not None:
+            raise follower.failure
+
+    async def _decode_followed(self, base: int, n: int, max_tokens: int, outputs: list[list[int]],
+                               plan: PrefillPlan, on_step: StepCallback, deliver: StepDelivery,
+                               extra_delay: float) -> None:
+        if self._decoding == 0:
+            self._step_time = trio.current_time()
+        self._decoding += 1
+        try:
+            follower = _Follower(base, n, max_tokens, outputs, plan, deliver)
+            while follower.next_step < max_tokens:
+                await self._follow(follower, extra_delay)
+                if follower.next_step < max_tokens:
+                    await on_step(-1, [], plan)  # the flush of output the socket did not take
+        finally:
+            self._decoding -= 1
 
     def _plan(self, prompt_ids: Sequence[int], allocation: BlockAllocation,
               keys: list[int]) -> PrefillPlan:
@@ -213,10 +302,14 @@ class Scheduler:
         n: int = 1,
         seed: int | None = None,
         on_step: StepCallback | None = None,
+        deliver: StepDelivery | None = None,
         extra_token_delay: float = 0.0,
     ) -> Generation:
         """Run one request to completion. ``on_step`` streams tokens; without it the decode
-        phase is one sleep at the current batch size's rate."""
+        phase is one sleep at the current batch size's rate. With ``deliver`` too (and
+        lockstep decode), decode steps after the first go through ``deliver``, run by the
+        step-timer holder; ``on_step`` is then called with step -1 only to flush what
+        ``deliver`` could not write."""
         config = self.config
         prompt_len = len(prompt_ids)
         arrival = trio.current_time()
@@ -249,8 +342,12 @@ class Scheduler:
             if on_step is not None:
                 await on_step(0, [out[0] for out in outputs], plan)
                 if max_tokens > 1:
-                    decode = self._decode_lockstep if config.lockstep_decode else self._decode_own_timer
-                    await decode(base, n, max_tokens, outputs, plan, on_step, extra_token_delay)
+                    if deliver is not None and config.lockstep_decode:
+                        await self._decode_followed(base, n, max_tokens, outputs, plan, on_step,
+                                                    deliver, extra_token_delay)
+                    else:
+                        decode = self._decode_lockstep if config.lockstep_decode else self._decode_own_timer
+                        await decode(base, n, max_tokens, outputs, plan, on_step, extra_token_delay)
             else:
                 if max_tokens > 1:
                     per_token = self.cost.decode_interval(self._running) + extra_token_delay
