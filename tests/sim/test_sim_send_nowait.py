@@ -31,14 +31,7 @@ async def test_a_chunk_the_socket_refuses_is_sent_before_the_next_one() -> None:
             await send({"type": "http.response.body", "body": b"", "more_body": True})  # the flush
         await send({"type": "http.response.body", "body": b";last", "more_body": False})
 
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        urls: list[str] = await nursery.start(
-            partial(serve_asgi, app, HttpServerConfig(), shutdown_trigger=stop.wait))
-        with trio.fail_after(10):
-            async with httpx.AsyncClient() as client:
-                reply = await client.get(urls[0] + "/")
-        stop.set()
+    reply = await _get_once(app)
     assert reply.status_code == 200
     assert reply.content == b"first;" + big + b";last"
     assert results == [True, False]
@@ -57,6 +50,13 @@ async def test_send_nowait_outside_a_streamed_body_is_refused() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
 
+    reply = await _get_once(app)
+    assert reply.content == b"ok"
+    assert len(errors) == 1
+
+
+async def _get_once(app: Callable[..., Awaitable[None]]) -> httpx.Response:
+    """Serve ``app`` on the h11 server (port 0), GET / once, stop the server."""
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         urls: list[str] = await nursery.start(
@@ -65,5 +65,4 @@ async def test_send_nowait_outside_a_streamed_body_is_refused() -> None:
             async with httpx.AsyncClient() as client:
                 reply = await client.get(urls[0] + "/")
         stop.set()
-    assert reply.content == b"ok"
-    assert len(errors) == 1
+    return reply
