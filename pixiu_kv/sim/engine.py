@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from .._asgi import BodyTooLarge, receive_body
 from ._http_server import SEND_NOWAIT, SendNowait
 from .costmodel import PrefillPlan
 from .cpu_tier import CpuTier
@@ -188,20 +189,11 @@ class SimEngine:
             self._inflight -= 1
 
     async def _read_body(self, receive: Receive) -> bytes | None:
-        parts: list[bytes] = []
-        size = 0
         limit = self.config.max_body_bytes
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"Request body larger than {limit} bytes", "BadRequestError")
-            parts.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(parts)
+        try:
+            return await receive_body(receive, limit)
+        except BodyTooLarge:
+            raise ApiError(413, f"Request body larger than {limit} bytes", "BadRequestError") from None
 
     async def _watched(self, receive: Receive, work: Callable[[], Awaitable[None]]) -> None:
         """Run ``work``; a client disconnect before it finishes cancels it."""
