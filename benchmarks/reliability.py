@@ -46,6 +46,7 @@ from pixiu_kv.sim.controller import Faults
 from pixiu_kv.sim.engine_config import EngineConfig
 from pixiu_kv.sim.fleet import open_fleet
 
+from ._process import process_starter, read_line
 from .metrics import percentile
 
 MODEL = "sim-llama-8b"
@@ -221,21 +222,6 @@ async def outage(samples: int, budget_ms: float) -> dict[str, Any]:
 
 # -- concurrent streams --------------------------------------------------------------------
 
-async def _read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
-    while b"\n" not in buffer:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise EOFError("the process closed its output")
-        buffer += chunk
-    line, _, rest = bytes(buffer).partition(b"\n")
-    buffer[:] = rest
-    return line.decode()
-
-
-def _starter(command: list[str], **kwargs: Any) -> Any:
-    async def run(task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED) -> None:
-        await trio.run_process(command, check=False, task_status=task_status, **kwargs)
-    return run
 
 
 @asynccontextmanager
@@ -243,11 +229,11 @@ async def _remote_fleet(engines: int) -> AsyncIterator[dict[str, Any]]:
     command = [sys.executable, "-m", "pixiu_kv.sim", "--engines", str(engines), "--speed", "100",
                "--max-num-seqs", "8192", "--json"]
     async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(_starter(command, stdout=PIPE))
+        process: trio.Process = await nursery.start(process_starter(command, stdout=PIPE))
         try:
             assert process.stdout is not None
             with trio.fail_after(60):
-                described = json.loads(await _read_line(process.stdout, bytearray()))
+                described = json.loads(await read_line(process.stdout, bytearray()))
             yield described
         finally:
             process.terminate()
@@ -271,7 +257,7 @@ async def streams(targets: Sequence[int], token_delay: float, tokens: int) -> di
                 peak = 0
                 started = time.perf_counter()
                 async with trio.open_nursery() as nursery:
-                    loader: trio.Process = await nursery.start(_starter(
+                    loader: trio.Process = await nursery.start(process_starter(
                         [sys.executable, "-m", "benchmarks.reliability", "_load", gateway.url, str(target),
                          str(tokens)], stdout=PIPE))
                     assert loader.stdout is not None
@@ -285,7 +271,7 @@ async def streams(targets: Sequence[int], token_delay: float, tokens: int) -> di
                             await trio.sleep(0.005)
 
                     nursery.start_soon(watch, done, cluster)
-                    summary = json.loads(await _read_line(loader.stdout, buffer))
+                    summary = json.loads(await read_line(loader.stdout, buffer))
                     done.set()
                 elapsed = time.perf_counter() - started
                 cpu = process.cpu_times()

@@ -25,6 +25,8 @@ import hypercorn.trio
 import psutil
 import trio
 
+from benchmarks._process import process_starter as partial_process
+from benchmarks._process import read_line
 from pixiu_kv.app import RunningGateway, open_gateway
 from pixiu_kv.cluster import Cluster
 from pixiu_kv.config import GatewayConfig, loads_config
@@ -365,15 +367,6 @@ class RemoteFleet:
         return {int(url.rsplit(":", 1)[1]) for _, url in self.engines}
 
 
-async def read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
-    while b"\n" not in buffer:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise EOFError("the process closed its output")
-        buffer += chunk
-    line, _, rest = bytes(buffer).partition(b"\n")
-    buffer[:] = rest
-    return line.decode()
 
 
 @asynccontextmanager
@@ -392,7 +385,3 @@ async def run_fleet() -> AsyncIterator[RemoteFleet]:
             process.terminate()
 
 
-def partial_process(command: list[str], **kwargs: Any) -> Any:
-    async def run(task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED) -> None:
-        await trio.run_process(command, check=False, task_status=task_status, **kwargs)
-    return run
