@@ -117,7 +117,7 @@ class _Pending:
 
     def __init__(self, endpoint_id: str, work: float, queued: float, load: int, matched: int,
                  prompt_tokens: int, keys: PrefixKeys | None,
-                 receipt: tuple[list[float | None], float] | None, created: float) -> None:
+                 receipt: tuple[list[float | None], float] | None, created: float, lag: float) -> None:
         self.endpoint_id = endpoint_id
         self.work = work
         self.queued = queued
@@ -130,7 +130,7 @@ class _Pending:
         self.ttft: float | None = None
         self.prefilled = False
         # The endpoint's lag when it was chosen (part of the predicted TTFT).
-        self.lag = 0.0
+        self.lag = lag
 
 
 class Router:
@@ -279,12 +279,12 @@ class Router:
         # eligible endpoint. Relative, because when the whole fleet is saturated no engine is
         # faster than another, and computing a prefix again elsewhere only adds work to every
         # queue: cache affinity is then worth the most, not the least.
-        limit = min(row[_QUEUED] for row in rows) + max_queue
-        if any(row[_QUEUED] > limit for row in rows):
+        queue_limit = min(row[_QUEUED] for row in rows) + max_queue
+        if any(row[_QUEUED] > queue_limit for row in rows):
             best_eligible_real = 0
             for i, row in enumerate(rows):
                 real = row[_REAL]
-                if row[_QUEUED] > limit:
+                if row[_QUEUED] > queue_limit:
                     extra = (row[_STATE].learner.per_token - per_cached) * real
                     rows[i] = (row[_VIEW], row[_STATE], row[_QUEUED], row[_LOAD], True, 0, 0,
                                row[_TTFT] + extra, row[_OWN_TTFT] + extra)
@@ -398,8 +398,8 @@ class Router:
                    if self._index is not None and keys is not None else None)
         handle = next(self._handles)
         self._pending[handle] = _Pending(view.id, work, backlog, winner[_LOAD], real_matched,
-                                         prompt_tokens, keys, receipt, now)
-        self._pending[handle].lag = max(0.0, winner[_QUEUED] - backlog)
+                                         prompt_tokens, keys, receipt, now,
+                                         max(0.0, winner[_QUEUED] - backlog))
         if len(self._pending) > cfg.max_pending:
             self._drop(next(iter(self._pending)))
         self._decisions[reason] += 1
