@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from subprocess import PIPE
 from typing import Any
 
 import trio
 
-__all__ = ["process_starter", "read_line"]
+__all__ = ["process_starter", "read_line", "sim_fleet_process", "stop_popen"]
 
 
 def process_starter(command: list[str], **kwargs: Any) -> Callable[..., Awaitable[None]]:
@@ -28,3 +33,33 @@ async def read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
     line, _, rest = bytes(buffer).partition(b"\n")
     buffer[:] = rest
     return line.decode()
+
+
+@asynccontextmanager
+async def sim_fleet_process(engines: int, *, max_num_seqs: int,
+                            startup_timeout: float) -> AsyncIterator[dict[str, Any]]:
+    """A fast simulated fleet (``pixiu-kv sim --json`` at speed 100) in its own process: yields
+    what it prints at startup (``engines`` with ``instance_id`` and ``url``, ``controller_url``);
+    terminated on exit."""
+    command = [sys.executable, "-m", "pixiu_kv.sim", "--engines", str(engines), "--speed", "100",
+               "--max-num-seqs", str(max_num_seqs), "--json"]
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(process_starter(command, stdout=PIPE))
+        try:
+            assert process.stdout is not None
+            with trio.fail_after(startup_timeout):
+                described: dict[str, Any] = json.loads(await read_line(process.stdout, bytearray()))
+            yield described
+        finally:
+            process.terminate()
+
+
+def stop_popen(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Terminate a process started with ``subprocess.Popen``; kill it if it lingers."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -27,8 +27,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from subprocess import PIPE
 from typing import Any
@@ -46,7 +45,7 @@ from pixiu_kv.sim.controller import Faults
 from pixiu_kv.sim.engine_config import EngineConfig
 from pixiu_kv.sim.fleet import open_fleet
 
-from ._process import process_starter, read_line
+from ._process import process_starter, read_line, sim_fleet_process
 from .metrics import percentile
 
 MODEL = "sim-llama-8b"
@@ -222,26 +221,10 @@ async def outage(samples: int, budget_ms: float) -> dict[str, Any]:
 
 # -- concurrent streams --------------------------------------------------------------------
 
-
-
-@asynccontextmanager
-async def _remote_fleet(engines: int) -> AsyncIterator[dict[str, Any]]:
-    command = [sys.executable, "-m", "pixiu_kv.sim", "--engines", str(engines), "--speed", "100",
-               "--max-num-seqs", "8192", "--json"]
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(process_starter(command, stdout=PIPE))
-        try:
-            assert process.stdout is not None
-            with trio.fail_after(60):
-                described = json.loads(await read_line(process.stdout, bytearray()))
-            yield described
-        finally:
-            process.terminate()
-
-
 async def streams(targets: Sequence[int], token_delay: float, tokens: int) -> dict[str, Any]:
     results = []
-    async with _remote_fleet(3) as described, httpx.AsyncClient(timeout=10.0) as control:
+    async with (sim_fleet_process(3, max_num_seqs=8192, startup_timeout=60) as described,
+                httpx.AsyncClient(timeout=10.0) as control):
         engines = [(e["instance_id"], e["url"]) for e in described["engines"]]
         for _, url in engines:
             (await control.post(url + "/sim/faults", json={"slow_stream_s": token_delay})).raise_for_status()

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
-from subprocess import PIPE
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,8 +23,12 @@ import hypercorn.trio
 import psutil
 import trio
 
-from benchmarks._process import process_starter as partial_process
-from benchmarks._process import read_line
+# Re-exported for the fault tests that start processes of their own.
+from benchmarks._process import process_starter as partial_process  # noqa: F401
+from benchmarks._process import (
+    read_line,  # noqa: F401
+    sim_fleet_process,
+)
 from pixiu_kv.app import RunningGateway, open_gateway
 from pixiu_kv.cluster import Cluster
 from pixiu_kv.config import GatewayConfig, loads_config
@@ -371,17 +373,8 @@ class RemoteFleet:
 
 @asynccontextmanager
 async def run_fleet() -> AsyncIterator[RemoteFleet]:
-    command = [sys.executable, "-m", "pixiu_kv.sim", "--engines", "3", "--speed", "100",
-               "--max-num-seqs", "2048", "--json"]
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(partial_process(command, stdout=PIPE))
-        try:
-            assert process.stdout is not None
-            with trio.fail_after(30):
-                described = json.loads(await read_line(process.stdout, bytearray()))
-            yield RemoteFleet(tuple((e["instance_id"], e["url"]) for e in described["engines"]),
-                              described["controller_url"])
-        finally:
-            process.terminate()
+    async with sim_fleet_process(3, max_num_seqs=2048, startup_timeout=30) as described:
+        yield RemoteFleet(tuple((e["instance_id"], e["url"]) for e in described["engines"]),
+                          described["controller_url"])
 
 
