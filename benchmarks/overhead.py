@@ -31,6 +31,8 @@ import httpx
 import psutil
 import trio
 
+from ._process import stop_popen
+
 __all__ = ["main"]
 
 STREAM_EVENTS = 8
@@ -130,16 +132,6 @@ async def _wait_ready(url: str, process: subprocess.Popen[bytes], path: str) -> 
                 except httpx.TransportError:
                     pass
                 await trio.sleep(0.05)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # -- load ------------------------------------------------------------------------------------
@@ -294,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = trio.run(_run, args, procs)
         finally:
-            _stop(procs.gateway)
-            _stop(procs.engine)
+            stop_popen(procs.gateway)
+            stop_popen(procs.engine)
     print(json.dumps(result, indent=2) if args.json else _table(result))
     errors = sum(r["errors"] for r in result["scenarios"])
     return 1 if errors else 0

@@ -27,6 +27,8 @@ from typing import Any
 import psutil
 import trio
 
+from ._process import stop_popen
+
 SERVERS = ("h11", "hypercorn")
 _ROUND_DEADLINE_S = 120.0
 
@@ -158,12 +160,7 @@ async def _measure(server: str, args: argparse.Namespace) -> dict[str, Any]:
                     "wall_s": round(statistics.median(walls), 2)}
         return results
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_popen(process)
 
 
 async def _main(args: argparse.Namespace) -> None:
