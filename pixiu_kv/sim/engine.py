@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from .._asgi import BodyTooLarge, receive_body
-from ._http_server import SEND_NOWAIT, SendNowait
+from ._http_server import CANCEL_ON_DISCONNECT, SEND_NOWAIT, SendNowait
 from .costmodel import PrefillPlan
 from .cpu_tier import CpuTier
 from .engine_config import EngineConfig
@@ -195,8 +195,16 @@ class SimEngine:
         except BodyTooLarge:
             raise ApiError(413, f"Request body larger than {limit} bytes", "BadRequestError") from None
 
-    async def _watched(self, receive: Receive, work: Callable[[], Awaitable[None]]) -> None:
-        """Run ``work``; a client disconnect before it finishes cancels it."""
+    async def _watched(self, scope: Scope, receive: Receive, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work``; a client disconnect before it finishes cancels it: by the server
+        itself where it offers that (no task per request), else by a task waiting on
+        ``receive`` for ``http.disconnect``."""
+        extensions = scope.get("extensions")
+        cancel_on_disconnect = extensions.get(CANCEL_ON_DISCONNECT) if extensions else None
+        if cancel_on_disconnect is not None:
+            cancel_on_disconnect()
+            await work()
+            return
         finished = False
         async with trio.open_nursery() as nursery:
             async def watch() -> None:
@@ -230,11 +238,11 @@ class SimEngine:
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         req = parse_completion(parse_json(_header(scope, b"content-type"), body), self.config)
-        await self._watched(receive, lambda: self._serve(req, send, "cmpl-", _send_nowait(scope)))
+        await self._watched(scope, receive, lambda: self._serve(req, send, "cmpl-", _send_nowait(scope)))
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         req = parse_chat(parse_json(_header(scope, b"content-type"), body), self.config)
-        await self._watched(receive, lambda: self._serve(req, send, "chatcmpl-", _send_nowait(scope)))
+        await self._watched(scope, receive, lambda: self._serve(req, send, "chatcmpl-", _send_nowait(scope)))
 
     async def _serve(self, req: GenerationRequest, send: Send, id_prefix: str,
                      send_nowait: SendNowait | None) -> None:
@@ -362,7 +370,7 @@ class SimEngine:
                      "tokens": ids, "token_strs": token_strs}
             await _respond(send, 200, _dumps(reply).encode())
 
-        await self._watched(receive, work)
+        await self._watched(scope, receive, work)
 
     async def _detokenize(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         data = parse_json(_header(scope, b"content-type"), body)

@@ -45,8 +45,8 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 
+from .._http11_wire import ReplyParser, header_block, request_bytes, request_with_headers
 from ._http11_io import ByteStream, StreamLimits, open_byte_stream
-from ._http11_wire import ReplyParser, header_block, request_bytes, request_with_headers
 from .resilience import MalformedReply, UpstreamUnavailable, check_status
 
 __all__ = ["Http11Pool", "Origin", "UpstreamConnectError", "UpstreamResponse", "system_tls_context"]

@@ -14,7 +14,7 @@ import trio
 from sim_helpers import wait_until
 
 from pixiu_kv.sim import EngineConfig, SimEngine, open_fleet, serve_engine
-from pixiu_kv.sim._http_server import AsgiApp, HttpServerConfig, serve_asgi
+from pixiu_kv.sim._http_server import CANCEL_ON_DISCONNECT, AsgiApp, HttpServerConfig, serve_asgi
 from pixiu_kv.sim.controller import ControllerEmulator
 
 Message = MutableMapping[str, Any]
@@ -429,6 +429,58 @@ async def test_engine_request_is_cancelled_when_its_client_goes_away() -> None:
         await client.stream.aclose()
         await wait_until(lambda: engine.in_flight == 0)
     assert engine.scheduler.running == 0
+
+
+async def test_an_app_that_asks_is_cancelled_when_its_client_goes_away() -> None:
+    cancelled: list[str] = []
+    waiting = trio.Event()
+
+    async def app(scope: Message, receive: Receive, send: Send) -> None:
+        await receive()
+        if scope["path"] == "/watched":
+            scope["extensions"][CANCEL_ON_DISCONNECT]()
+        try:
+            waiting.set()
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.append(scope["path"])
+            raise
+
+    async with served(app) as url:
+        client = RawClient(await connect(url))
+        await client.stream.send_all(b"GET /watched HTTP/1.1\r\nhost: x\r\n\r\n")
+        await waiting.wait()
+        await client.stream.aclose()
+        await wait_until(lambda: cancelled == ["/watched"])
+
+
+async def test_an_unwatched_app_keeps_running_after_its_client_goes() -> None:
+    finished: list[Message] = []
+
+    async def app(scope: Message, receive: Receive, send: Send) -> None:
+        await receive()
+        # No extension call: the app hears of the client only through receive().
+        finished.append(await receive())
+
+    async with served(app) as url:
+        client = RawClient(await connect(url))
+        await client.stream.send_all(b"GET /plain HTTP/1.1\r\nhost: x\r\n\r\n")
+        await client.stream.aclose()
+        await wait_until(lambda: finished == [{"type": "http.disconnect"}])
+
+
+async def test_a_unary_engine_request_is_aborted_when_its_client_goes_away() -> None:
+    engine = SimEngine(EngineConfig(speed=1.0, gpu_kv_tokens=16384, max_model_len=8192))
+    async with serve_engine(engine, server="h11") as url:
+        client = RawClient(await connect(url))
+        body = b'{"prompt":"hello there","max_tokens":2000}'
+        await client.stream.send_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
+                                     b"application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await wait_until(lambda: engine.scheduler.running == 1)
+        await client.stream.aclose()
+        await wait_until(lambda: engine.in_flight == 0)
+    assert engine.scheduler.running == 0
+    assert engine.metrics.requests_aborted == 1
 
 
 async def test_unknown_server_kind_is_refused() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import h11
 import pytest
 
-from pixiu_kv.upstream._http11_wire import ReplyParser, request_bytes
+from pixiu_kv._http11_wire import ReplyParser, request_bytes
 from pixiu_kv.upstream.resilience import MalformedReply, UpstreamUnavailable
 
 Outcome = tuple[Any, ...]
