@@ -71,23 +71,41 @@ class HotPrefixes:
 
     def count_request(self, now: float) -> None:
         """Every routed request with tokens counts in the total (the share's denominator)."""
-        self._total = self._total * self._decay(self._total_since, now) + 1.0
-        self._total_since = max(now, self._total_since)
+        # (_decay inlined here and in note: they run on every decision)
+        since = self._total_since
+        if now > since:
+            self._total = self._total * math.exp(-(now - since) / self._window) + 1.0
+            self._total_since = now
+        else:
+            self._total += 1.0
 
     def note(self, key: int, length: int, now: float) -> int:
         """A request uses prefix ``key`` of ``length`` tokens: replicas it should have now."""
-        heat = self._tracked.get(key)
+        tracked = self._tracked
+        heat = tracked.get(key)
         if heat is None:
             heat = _Heat(count=0.0, since=now, length=length)
-            self._tracked[key] = heat
-            if len(self._tracked) > self._max_tracked:
-                old_key, _old = self._tracked.popitem(last=False)
+            tracked[key] = heat
+            if len(tracked) > self._max_tracked:
+                old_key, _old = tracked.popitem(last=False)
                 self._hot.discard(old_key)
         else:
-            self._tracked.move_to_end(key)
-        heat.count = heat.count * self._decay(heat.since, now) + 1.0
-        heat.since = max(now, heat.since)
-        return self._wanted(heat, now)
+            tracked.move_to_end(key)
+        since = heat.since
+        if now > since:
+            heat.count = heat.count * math.exp(-(now - since) / self._window) + 1.0
+            heat.since = now
+        else:
+            heat.count += 1.0
+        # _wanted(heat, now), inlined: heat.since >= now here, so its count needs no decay.
+        count = heat.count
+        if count < self._min_requests:
+            return 1
+        since = self._total_since
+        total = self._total * (math.exp(-(now - since) / self._window) if now > since else 1.0)
+        share = min(count / total, 1.0) if total > 0 else 0.0
+        n = self.fleet_size
+        return max(1, min(n, math.ceil(share * n / self._threshold - 1e-9)))
 
     def _wanted(self, heat: _Heat, now: float) -> int:
         count = heat.count * self._decay(heat.since, now)

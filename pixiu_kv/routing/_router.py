@@ -207,7 +207,8 @@ class Router:
         cfg = self._cfg
         if now > self._clock:
             self._clock = now
-        self._expire(now)
+        if self._pending and next(iter(self._pending.values())).created < now - cfg.reservation_timeout:
+            self._expire(now)
 
         keys: PrefixKeys | None = None
         prompt_tokens = 0
@@ -236,12 +237,23 @@ class Router:
         salt = (keys.keys[-1] if keys is not None and keys.keys
                 else stable_hash(session_key) if session_key else 0)
         cost_model = cfg.cost_model
+        duplicate = cfg.duplicate_cost_factor
         states = self._states
         id_hashes = self._id_hashes
         down = self._down
         rows: list[_Row] = []
         append = rows.append
+        queues: list[float] = []
+        append_queued = queues.append
         best_eligible_real = 0
+        best_real = max(matched.values()) if matched else 0
+        # Each row's rank (see "Rank" below) is computed in the same pass, with the deepest
+        # match of any endpoint standing in for the deepest eligible one: it is the same in
+        # the common case, and the ranks are computed again when not (or when a row changes
+        # after this pass). One pass over the endpoints instead of two.
+        top = best_real if cost_model and duplicate else 0
+        ranks: list[tuple[float, int, int, int]] = []
+        append_rank = ranks.append
         # The hot loop of a decision (once per endpoint): locals only, and the queue and lag
         # are asked only when they hold something.
         for view in endpoints:
@@ -270,7 +282,15 @@ class Router:
             learner = state.learner
             ttft = (queued + running * load + learner.base + learner.per_token * (prompt_tokens - real)
                     + per_cached * real)
+            if not cost_model:
+                append_rank((-real, load, id_hashes[endpoint_id] ^ salt, len(rows)))
+            elif real < top:
+                append_rank(((ttft + duplicate * learner.per_token * (top - real)) // _COST_RESOLUTION,
+                             load, id_hashes[endpoint_id] ^ salt, len(rows)))
+            else:
+                append_rank((ttft // _COST_RESOLUTION, load, id_hashes[endpoint_id] ^ salt, len(rows)))
             append((view, state, queued, load, overloaded, real, real, ttft, ttft))
+            append_queued(queued)
         if not rows:
             self._decisions["no-endpoint"] += 1
             return Decision(endpoint_id=None, reason="no-endpoint", matched_tokens=0,
@@ -279,8 +299,10 @@ class Router:
         # eligible endpoint. Relative, because when the whole fleet is saturated no engine is
         # faster than another, and computing a prefix again elsewhere only adds work to every
         # queue: cache affinity is then worth the most, not the least.
-        queue_limit = min(row[_QUEUED] for row in rows) + max_queue
-        if any(row[_QUEUED] > queue_limit for row in rows):
+        queue_limit = min(queues) + max_queue
+        changed = False  # a row changed after its rank was computed
+        if max(queues) > queue_limit:
+            changed = True
             best_eligible_real = 0
             for i, row in enumerate(rows):
                 real = row[_REAL]
@@ -296,28 +318,33 @@ class Router:
         replicas: list[str] = []
         row_of: dict[str, int] = {}
         hot_tokens = 0
-        best_real = max(matched.values(), default=0)
-        if self._hot is not None and keys is not None:
-            self._hot.count_request(now)
+        hot = self._hot
+        if hot is not None and keys is not None:
+            hot.count_request(now)
             block = keys.block_at(best_real) if best_real >= cfg.hot_min_tokens else -1
             if block >= 0:
                 hot_tokens = keys.ends[block]
-                self._hot.fleet_size = len(rows)
+                hot.fleet_size = len(rows)
                 key = keys.keys[block]
-                wanted = self._hot.note(key, hot_tokens, now)
-                if wanted > 1 or self._hot.is_hot(key):
+                wanted = hot.note(key, hot_tokens, now)
+                if wanted > 1 or hot.is_hot(key):
                     row_of = {row[_VIEW].id: i for i, row in enumerate(rows) if not row[_OVERLOADED]}
-                    kept = self._hot.current(key)
+                    kept = hot.current(key)
                     if (wanted > len(kept)
-                            and self._hot.share(key, now) * len(rows) < _HOT_WIDE * cfg.hot_threshold
+                            and hot.share(key, now) * len(rows) < _HOT_WIDE * cfg.hot_threshold
                             and not self._pressed(rows, row_of, kept, matched, hot_tokens)):
                         # Popular, but its engines keep up: another copy would only take
                         # cache space from other prefixes.
                         wanted = max(1, len(kept))
-                    replicas = self._hot.replicas(
-                        key, wanted, keys.tokens, usable=row_of.__contains__,
-                        holders=(e for e, n in matched.items() if n >= hot_tokens),
-                        by_load=lambda: sorted(row_of, key=lambda e: (rows[row_of[e]][_QUEUED], e)))
+                    if 1 < wanted <= len(kept) and all(map(row_of.__contains__, kept[:wanted])):
+                        # What HotPrefixes.replicas returns when its replicas stand (most
+                        # decisions of a hot prefix), without building its arguments.
+                        replicas = kept[:wanted]
+                    else:
+                        replicas = hot.replicas(
+                            key, wanted, keys.tokens, usable=row_of.__contains__,
+                            holders=(e for e, n in matched.items() if n >= hot_tokens),
+                            by_load=lambda: sorted(row_of, key=lambda e: (rows[row_of[e]][_QUEUED], e)))
                     for endpoint_id in replicas:
                         i = row_of[endpoint_id]
                         row = rows[i]
@@ -326,6 +353,7 @@ class Router:
                             ttft = row[_TTFT] - saved * (hot_tokens - row[_EFFECTIVE])
                             rows[i] = (row[_VIEW], row[_STATE], row[_QUEUED], row[_LOAD],
                                        row[_OVERLOADED], row[_REAL], hot_tokens, ttft, row[_OWN_TTFT])
+                            changed = True
 
         # Rank: predicted TTFT, plus a penalty for computing again what another eligible
         # endpoint holds (a copy costs the fleet cache space: spill only when clearly faster);
@@ -334,24 +362,25 @@ class Router:
         # everywhere). Elsewhere the hash alone breaks ties: alternating between engines
         # that merely both hold a prefix keeps duplicates warm at other prefixes' expense
         # (measured in the fleet simulation).
-        duplicate = cfg.duplicate_cost_factor
         window = cfg.hot_window
-        ranks: list[tuple[float, int, int, int]]
-        if not cost_model:
-            ranks = [(-row[_EFFECTIVE], row[_LOAD], id_hashes[row[_VIEW].id] ^ salt, i)
-                     for i, row in enumerate(rows)]
-        elif duplicate and best_eligible_real:
-            top = best_eligible_real
-            ranks = [((row[_TTFT] + duplicate * row[_STATE].learner.per_token
-                       * (top - row[_EFFECTIVE] if row[_EFFECTIVE] < top else 0))
-                      // _COST_RESOLUTION, row[_LOAD], id_hashes[row[_VIEW].id] ^ salt, i)
-                     for i, row in enumerate(rows)]
-        else:
-            ranks = [(row[_TTFT] // _COST_RESOLUTION, row[_LOAD], id_hashes[row[_VIEW].id] ^ salt, i)
-                     for i, row in enumerate(rows)]
+        if changed or (cost_model and top != (best_eligible_real if duplicate else 0)):
+            # The first pass's ranks do not hold (see above): rank again.
+            if not cost_model:
+                ranks = [(-row[_EFFECTIVE], row[_LOAD], id_hashes[row[_VIEW].id] ^ salt, i)
+                         for i, row in enumerate(rows)]
+            elif duplicate and best_eligible_real:
+                top = best_eligible_real
+                ranks = [((row[_TTFT] + duplicate * row[_STATE].learner.per_token
+                           * (top - row[_EFFECTIVE] if row[_EFFECTIVE] < top else 0))
+                          // _COST_RESOLUTION, row[_LOAD], id_hashes[row[_VIEW].id] ^ salt, i)
+                         for i, row in enumerate(rows)]
+            else:
+                ranks = [(row[_TTFT] // _COST_RESOLUTION, row[_LOAD], id_hashes[row[_VIEW].id] ^ salt, i)
+                         for i, row in enumerate(rows)]
 
         reason: Reason
-        best = min(ranks)
+        order = sorted(ranks)
+        best = order[0]
         if replicas and rows[best[3]][_VIEW].id in replicas:
             # A hot prefix's replicas hold the same prefix: among those whose cost is within
             # a recomputation of the prefix of the cheapest (a lag of a few tens of ms, a
@@ -404,8 +433,8 @@ class Router:
             self._drop(next(iter(self._pending)))
         self._decisions[reason] += 1
 
-        shown = tuple((row[_VIEW].id, row[_TTFT], row[_EFFECTIVE], row[_LOAD], row[_OVERLOADED])
-                      for row in (rows[r[3]] for r in sorted(ranks)[:_SHOWN_COSTS]))
+        shown = tuple([(row[_VIEW].id, row[_TTFT], row[_EFFECTIVE], row[_LOAD], row[_OVERLOADED])
+                       for row in [rows[r[3]] for r in order[:_SHOWN_COSTS]]])
         return Decision(endpoint_id=view.id, reason=reason, matched_tokens=real_matched,
                         prompt_tokens=prompt_tokens, reservation=handle, predicted_ttft=winner[_OWN_TTFT],
                         cost_rows=shown)
