@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import select
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -147,6 +146,19 @@ class _Server:
         self.slots = trio.Semaphore(config.max_connections)
         self.watch = _HangupWatch() if _CAN_WATCH else None
 
+    async def close_idle_connections(self) -> None:
+        """Close connections idle (waiting for a request head) longer than the keep-alive
+        timeout. One sweep a fraction of the timeout apart costs far less than a deadline
+        set and cleared around every request's read: a connection is closed after between
+        1 and 1.25 timeouts of idleness."""
+        timeout = self.config.keep_alive_timeout
+        while True:
+            await trio.sleep(min(timeout / 4, 1.0))
+            limit = trio.current_time() - timeout
+            for connection in list(self.connections):
+                if connection.idle_since is not None and connection.idle_since <= limit:
+                    connection.connection_scope.cancel()
+
     async def accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
         while True:
             await self.slots.acquire()
@@ -190,8 +202,11 @@ class _Connection:
         self.fd = sock.fileno()
         self.parser = RequestParser(server.config.max_header_bytes)
         self.connection_scope = trio.CancelScope()
-        """Cancelled by the idle timeout and by a shutdown, only while between requests."""
-        self.idle = False
+        """Cancelled when the connection must end at once: idle too long or at a shutdown
+        (only while between requests), or the client went away from an app that asked to
+        be cancelled then."""
+        self.idle_since: float | None = None
+        """When the connection began waiting for a request head (None: it is not)."""
         self.peer_gone = False
         self.served = 0
         try:
@@ -199,7 +214,6 @@ class _Connection:
             self.local = _address(sock.getsockname())
         except OSError:
             self.client = self.local = None
-        self.request_scope: trio.CancelScope | None = None
         self._reset_cycle(None)
 
     def _reset_cycle(self, head: RequestHead | None) -> None:
@@ -220,16 +234,15 @@ class _Connection:
         self.unsent = b""
 
     def stop_if_idle(self) -> None:
-        if self.idle:
+        if self.idle_since is not None:
             self.connection_scope.cancel()
 
     def hang_up(self) -> None:
-        """The watch saw the peer go: cancel the request (its app asked for that)."""
+        """The watch saw the peer go: cancel the request (its app asked for that) and, with
+        it, the connection, which has no one left to serve."""
         self.peer_gone = True
         self.watched = False
-        if self.request_scope is not None:
-            self.request_scope.cancel()
-        self._wake_waiter()
+        self.connection_scope.cancel()
 
     async def run(self) -> None:
         config = self.server.config
@@ -256,17 +269,13 @@ class _Connection:
             head = parser.read_head()
             if head is not None or parser.at_eof or self.server.closing:
                 return head
-            scope = self.connection_scope
-            self.idle = True
-            scope.deadline = trio.current_time() + self.server.config.keep_alive_timeout
             try:
                 while head is None:
-                    if not await self._read_more():
+                    if not await self._read_more(idle=True):
                         return parser.read_head()  # a cut head raises ClientGone
                     head = parser.read_head()
             finally:
-                self.idle = False
-                scope.deadline = math.inf
+                self.idle_since = None
             return head
         except BadRequest as error:
             await self._error_reply(error.status)
@@ -274,14 +283,17 @@ class _Connection:
             pass
         return None
 
-    async def _read_more(self) -> bool:
-        """Feed the next bytes from the socket to the parser; False when the peer is gone."""
+    async def _read_more(self, *, idle: bool = False) -> bool:
+        """Feed the next bytes from the socket to the parser; False when the peer is gone.
+        ``idle``: waiting for a request head (the idle sweep may close the connection)."""
         sock = self.sock
         while True:
             try:
                 data = sock.recv(self.server.config.read_size)
                 break
             except BlockingIOError:
+                if idle and self.idle_since is None:
+                    self.idle_since = trio.current_time()
                 await trio.lowlevel.wait_readable(sock)
             except OSError:  # reset by the peer
                 data = b""
@@ -323,15 +335,13 @@ class _Connection:
         self.watched = True
 
     async def _run_app(self, head: RequestHead) -> None:
-        with trio.CancelScope() as self.request_scope:
-            try:
-                await self.server.app(self._scope(head), self.receive, self.send)
-            except Exception:
-                _log.exception("ASGI app failed")
-                self.close_after = True
-            finally:
-                self._unwatch()
-        self.request_scope = None
+        try:
+            await self.server.app(self._scope(head), self.receive, self.send)
+        except Exception:
+            _log.exception("ASGI app failed")
+            self.close_after = True
+        finally:
+            self._unwatch()
         if not self.started:
             await self._error_reply(500)
             self.close_after = True
@@ -641,6 +651,7 @@ async def serve_asgi(
     server = _Server(app, config)
     try:
         async with trio.open_nursery() as connections:
+            connections.start_soon(server.close_idle_connections)
             if server.watch is not None:
                 connections.start_soon(server.watch.run)
             async with trio.open_nursery() as acceptors:

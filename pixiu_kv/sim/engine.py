@@ -329,8 +329,13 @@ class SimEngine:
             if step < 0 or render(step, ids, plan):  # step -1: flush what deliver left
                 await flush(True)
 
+        one_token = renderer.one_token if renderer.one_token_ok and interval == 1 else None
+        last_step = req.max_tokens - 1
+
         def deliver(step: int, ids: list[int], plan: PrefillPlan) -> bool:
             assert send_nowait is not None
+            if one_token is not None and step != last_step:  # the common event, pre-rendered
+                return send_nowait(one_token(ids[0]))
             if not render(step, ids, plan):
                 return True
             body = b"".join(pending)

@@ -23,6 +23,7 @@ __all__ = [
     "parse_json",
     "parse_tokenize",
     "render_final",
+    "token_json",
     "usage_dict",
 ]
 
@@ -245,10 +246,25 @@ def render_final(req: GenerationRequest, gen: Generation, request_id: str, creat
     return _dumps(body).encode()
 
 
-class StreamRenderer:
-    """SSE events of one streaming reply; the constant head of every chunk is built once."""
+_token_json: list[bytes | None] = [None] * VOCAB_SIZE
+"""Each id's text as a JSON string, made on first use (bounded by the vocabulary)."""
 
-    __slots__ = ("_head", "_req", "_sent_tokens")
+
+def token_json(token: int) -> bytes:
+    """The JSON string of one token's text (``detokenize((token,))``), memoized."""
+    if not 0 <= token < VOCAB_SIZE:
+        return b'""'
+    text = _token_json[token]
+    if text is None:
+        text = _token_json[token] = _dumps(detokenize((token,))).encode()
+    return text
+
+
+class StreamRenderer:
+    """SSE events of one streaming reply; the constant head of every chunk is built once,
+    and so are the bytes around a lone token (:meth:`one_token`, the common event)."""
+
+    __slots__ = ("_head", "_one_after", "_one_before", "_req", "_sent_tokens")
 
     def __init__(self, req: GenerationRequest, request_id: str, created: int) -> None:
         self._req = req
@@ -258,6 +274,24 @@ class StreamRenderer:
             f'"model":{_dumps(req.model)},"choices":'
         )
         self._sent_tokens = 0
+        if req.kind == "chat":
+            before, after = '[{"index":0,"delta":{"content":', '}'
+        else:
+            before, after = '[{"index":0,"text":', ''
+        self._one_before = (self._head + before).encode()
+        self._one_after = (after + ',"logprobs":null,"finish_reason":null}]}\n\n').encode()
+
+    @property
+    def one_token_ok(self) -> bool:
+        """:meth:`one_token` renders this reply's mid-stream events (one choice, no usage
+        in every chunk)."""
+        return self._req.n == 1 and not self._req.continuous_usage
+
+    def one_token(self, token: int) -> bytes:
+        """The event of one new token of the only choice, not the last one: the same bytes
+        as ``token_events([[token]], False, cached)`` where :attr:`one_token_ok`."""
+        self._sent_tokens += 1
+        return b"".join((self._one_before, token_json(token), self._one_after))
 
     def _event(self, choices: str, usage: str | None = None) -> bytes:
         if usage is None:
@@ -284,7 +318,7 @@ class StreamRenderer:
         finish = '"length","stop_reason":null' if last else "null"
         events: list[bytes] = []
         for index, tokens in enumerate(ids):
-            text = _dumps(detokenize(tokens))
+            text = token_json(tokens[0]).decode() if len(tokens) == 1 else _dumps(detokenize(tokens))
             self._sent_tokens += len(tokens)
             if req.kind == "chat":
                 choices = (f'[{{"index":{index},"delta":{{"content":{text}}},'

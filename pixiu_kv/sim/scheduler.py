@@ -12,6 +12,7 @@ park, which keeps hundreds of streams cheap. Everything is computed from
 
 from __future__ import annotations
 
+import random
 import zlib
 from array import array
 from collections import deque
@@ -28,7 +29,8 @@ from .metrics import EngineMetrics
 from .prefix_cache import BlockAllocation, PrefixCache, block_hashes
 from .tokenizer import VOCAB_SIZE
 
-__all__ = ["EngineOverloaded", "Generation", "Scheduler", "StepCallback", "StepDelivery"]
+__all__ = ["EngineOverloaded", "Generation", "Scheduler", "StepCallback", "StepDelivery", "output_ids",
+           "output_token"]
 
 StepCallback = Callable[[int, list[int], PrefillPlan], Awaitable[None]]
 """Called once per decode step with the step index, one new token id per choice, and the
@@ -55,15 +57,41 @@ class Generation:
     """Token ids per choice."""
 
 
+_OUTPUT_SPAN = 1 << 16
+_OUTPUT_MASK = _OUTPUT_SPAN - 1
+
+
+def _output_table() -> list[int]:
+    # A fixed pseudo-random walk through the vocabulary (Mersenne Twister with an int seed
+    # gives the same bits in every process and Python version). Each output reads a window
+    # of it, so a whole reply is one slice instead of a hash per token.
+    rnd = random.Random(0x5EED)
+    span = VOCAB_SIZE - _FIRST_OUTPUT_ID
+    return [_FIRST_OUTPUT_ID + rnd.getrandbits(24) % span for _ in range(_OUTPUT_SPAN)]
+
+
+_OUTPUTS = _output_table()
+
+
+def _output_start(base: int, choice: int) -> int:
+    """Where choice ``choice`` of a prompt+seed digest ``base`` starts in the table."""
+    x = (base ^ (choice * 0x9E3779B1)) & 0xFFFFFFFF
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    return (x ^ (x >> 15)) & _OUTPUT_MASK
+
+
 def output_token(base: int, choice: int, step: int) -> int:
     """Deterministic output id for (prompt+seed digest, choice, step)."""
-    x = (base ^ (choice * 0x9E3779B1) ^ (step * 0x85EBCA6B)) & 0xFFFFFFFF
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
-    x ^= x >> 16
-    return _FIRST_OUTPUT_ID + x % (VOCAB_SIZE - _FIRST_OUTPUT_ID)
+    return _OUTPUTS[(_output_start(base, choice) + step) & _OUTPUT_MASK]
+
+
+def output_ids(base: int, choice: int, first_step: int, count: int) -> list[int]:
+    """``output_token`` for ``count`` steps from ``first_step``, in one slice."""
+    start = (_output_start(base, choice) + first_step) & _OUTPUT_MASK
+    ids = _OUTPUTS[start:start + count]
+    while len(ids) < count:
+        ids += _OUTPUTS[: count - len(ids)]
+    return ids
 
 
 @attrs.define(eq=False)
@@ -79,8 +107,8 @@ class _Waiter:
 class _Follower:
     """A lockstep stream whose steps the step-timer holder delivers."""
 
-    base: int
-    n: int
+    starts: list[int]
+    """Each choice's window in the output table."""
     max_tokens: int
     outputs: list[list[int]]
     plan: PrefillPlan
@@ -194,7 +222,7 @@ class Scheduler:
     def _deliver_step(self) -> None:
         for follower in list(self._followers):
             step = follower.next_step
-            ids = [output_token(follower.base, c, step) for c in range(follower.n)]
+            ids = [_OUTPUTS[(start + step) & _OUTPUT_MASK] for start in follower.starts]
             for out, token in zip(follower.outputs, ids, strict=True):
                 out.append(token)
             follower.next_step = step + 1
@@ -235,7 +263,8 @@ class Scheduler:
             self._step_time = trio.current_time()
         self._decoding += 1
         try:
-            follower = _Follower(base, n, max_tokens, outputs, plan, deliver)
+            starts = [_output_start(base, c) for c in range(n)]
+            follower = _Follower(starts, max_tokens, outputs, plan, deliver)
             while follower.next_step < max_tokens:
                 await self._follow(follower, extra_delay)
                 if follower.next_step < max_tokens:
@@ -353,7 +382,7 @@ class Scheduler:
                     per_token = self.cost.decode_interval(self._running) + extra_token_delay
                     await trio.sleep(per_token * (max_tokens - 1))
                 for c, out in enumerate(outputs):
-                    out.extend(output_token(base, c, step) for step in range(1, max_tokens))
+                    out += output_ids(base, c, 1, max_tokens - 1)
             metrics.generation_tokens += n * max_tokens
             metrics.requests_finished += 1
             completed = True

@@ -251,3 +251,21 @@ async def test_reset_prefix_cache_leaves_the_lmcache_tier(
     again = (await client.post("/v1/completions", json=body)).json()
     assert engine.metrics.prefix_hits == hits_before  # nothing from the GPU cache
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == min(chunks * 256, prompt_len - 1)
+
+
+def test_pre_rendered_token_events_are_the_general_renderer_s_bytes() -> None:
+    from pixiu_kv.sim.engine_config import EngineConfig
+    from pixiu_kv.sim.openai_api import StreamRenderer, parse_chat, parse_completion
+
+    config = EngineConfig()
+    for req in (parse_completion({"prompt": "hi", "stream": True}, config),
+                parse_chat({"messages": [{"role": "user", "content": "hi"}], "stream": True}, config)):
+        renderer = StreamRenderer(req, "cmpl-1", 1700000000)
+        assert renderer.one_token_ok
+        for token in (0, 5, 300, 31999, 40000):  # special, unused, regular, last, outside
+            general = renderer.token_events([[token]], False, 0)[0]
+            assert renderer.one_token(token) == general
+            event = json.loads(general.removeprefix(b"data: "))
+            assert event["choices"][0]["finish_reason"] is None
+    many = parse_completion({"prompt": "hi", "stream": True, "n": 2}, config)
+    assert not StreamRenderer(many, "cmpl-2", 1).one_token_ok

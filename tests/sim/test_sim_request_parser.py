@@ -44,7 +44,8 @@ REQUESTS = {
     "conflicting-lengths": b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nxy",
     "gzip-coding": b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip\r\n\r\nxx",
     "bad-chunk-size": b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
-    "chunk-without-crlf": b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabX\r\n0\r\n\r\n",
+    "chunk-without-crlf": (b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+                           b"2\r\nabX\r\n0\r\n\r\n"),
     "space-before-colon": b"GET / HTTP/1.1\r\nhost : x\r\n\r\n",
     "no-colon": b"GET / HTTP/1.1\r\nhost: x\r\nnot a header\r\n\r\n",
     "obs-fold": b"GET / HTTP/1.1\r\nhost: x\r\nx-a: b\r\n  c\r\n\r\n",
