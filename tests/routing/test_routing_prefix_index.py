@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from array import array
 
 import pytest
 
@@ -54,6 +58,45 @@ def test_keys_name_whole_prefixes() -> None:
     # Same tokens at a different position never give the same key (the chain carries position).
     c = _prompt(3, 16) + a[:2000]
     assert set(schedule.keys(c).keys).isdisjoint(ka.keys)
+
+
+@pytest.mark.parametrize("changed", [0, 15, 16, 300, 511, 512, 590, 599])
+def test_a_key_changes_with_any_token_of_its_prefix_and_only_those(changed: int) -> None:
+    schedule = BlockSchedule(16, 256)
+    a = _prompt(4, 600)
+    b = list(a)
+    b[changed] += 1
+    ka, kb = schedule.keys(a), schedule.keys(b)
+    assert ka.ends == kb.ends
+    for end, key_a, key_b in zip(ka.ends, ka.keys, kb.keys, strict=True):
+        assert (key_a == key_b) == (end <= changed)
+
+
+def test_keys_do_not_depend_on_the_sequence_type() -> None:
+    schedule = BlockSchedule(16, 256)
+    prompt = _prompt(5, 1000)
+    keys = schedule.keys(prompt).keys
+    assert schedule.keys(tuple(prompt)).keys == keys
+    assert schedule.keys(array("I", prompt)).keys == keys
+    assert schedule.keys(prompt).compact().keys == keys
+
+
+# Keys of tokens 1000..1599 (34 blocks), as every process computes them (64-bit CPython).
+_KNOWN_KEYS = {0: 3415446868550774468, 1: 7456612749625473530, 33: 998077915589337030}
+
+
+def test_keys_are_the_same_in_every_process() -> None:
+    """Gateways sharing engines must agree on keys: no dependence on PYTHONHASHSEED (here
+    against known answers, and against a process with another hash seed)."""
+    keys = BlockSchedule(16, 256).keys(list(range(1000, 1600)))
+    assert len(keys.keys) == 34
+    assert {i: keys.keys[i] for i in _KNOWN_KEYS} == _KNOWN_KEYS
+    script = ("from pixiu_kv.routing._blocks import BlockSchedule\n"
+              "print(list(BlockSchedule(16, 256).keys(list(range(1000, 1600))).keys))")
+    for seed in ("1", "4242"):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}, timeout=60).stdout
+        assert out.strip() == str(list(keys.keys))
 
 
 # -- match and record ------------------------------------------------------------------
