@@ -3,7 +3,7 @@
 ``python -m benchmarks.sim_capacity [--requests 500] [--rounds 3] [--speed 1] [--keep-alive 4]``
 
 One engine runs in its own process (``pixiu-kv sim --engines 1 --no-controller``), once
-per server (``h11``, ``hypercorn``). A raw-socket load generator (``--requests``
+per server (``lean``, ``hypercorn``). A raw-socket load generator (``--requests``
 connections opened at once, so the requests are concurrent) runs rounds of: bare
 ``GET /health``, a 16-token JSON completion, a 16-token stream with usage and ``[DONE]``;
 first with one request per connection, then with ``--keep-alive`` requests one after the
@@ -29,7 +29,7 @@ import trio
 
 from ._process import stop_popen
 
-SERVERS = ("h11", "hypercorn")
+SERVERS = ("lean", "hypercorn")
 _ROUND_DEADLINE_S = 120.0
 
 
@@ -169,11 +169,11 @@ async def _main(args: argparse.Namespace) -> None:
     for server in args.servers:
         report[server] = await _measure(server, args)
     print(json.dumps(report, indent=2))
-    if "h11" in report and "hypercorn" in report:
-        for key in report["h11"]:
-            lean = report["h11"][key]["cpu_ms_per_request"]
+    if "lean" in report and "hypercorn" in report:
+        for key in report["lean"]:
+            lean = report["lean"][key]["cpu_ms_per_request"]
             old = report["hypercorn"][key]["cpu_ms_per_request"]
-            print(f"{key:9s} h11 {lean:6.3f} ms  hypercorn {old:6.3f} ms  ratio {old / lean:4.1f}x")
+            print(f"{key:9s} lean {lean:6.3f} ms  hypercorn {old:6.3f} ms  ratio {old / lean:4.1f}x")
 
 
 def main(argv: list[str] | None = None) -> None:

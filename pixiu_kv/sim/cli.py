@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import signal
 import sys
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-controller", action="store_true", help="do not run the controller emulator")
     parser.add_argument("--controller-port", type=int, default=0)
     parser.add_argument("--server", choices=SERVER_KINDS, default=DEFAULT_SERVER,
-                        help=f"engines' HTTP server (default {DEFAULT_SERVER}: the lean trio + h11 one)")
+                        help=f"engines' HTTP server (default {DEFAULT_SERVER}: the lean trio one)")
     parser.add_argument("--json", action="store_true", help="print the fleet as one JSON line")
     return parser
 
@@ -59,6 +60,12 @@ async def _run(args: argparse.Namespace, config: EngineConfig) -> None:
     async with open_fleet(args.engines, config, host=args.host, base_port=args.base_port,
                           controller=not args.no_controller, controller_port=args.controller_port,
                           server=args.server) as fleet:
+        # This process holds hundreds of requests' small objects at once: with the default
+        # gen-0 threshold (700 allocations) a collection runs every few requests. Objects
+        # made at startup never die: freeze them out of every collection. Measured: 5-7%
+        # less CPU per request; memory stays bounded by the engines' own limits.
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 50)
         print(_describe(fleet, args.json), flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:

@@ -5,8 +5,8 @@ each engine's CPU tier with the controller (the in-process emulator by default, 
 ``chunk_sink_factory``), and stops them all on exit. Instance ids are ``engine-0`` ..
 ``engine-{N-1}``: the LMCache instance id equals the gateway endpoint id (the routing contract).
 
-Engines are served by the lean trio + h11 server of :mod:`._http_server` by default
-(``server="h11"``): it costs a fraction of hypercorn's CPU per request, so the
+Engines are served by the lean trio server of :mod:`._http_server` by default
+(``server="lean"``): it costs a fraction of hypercorn's CPU per request, so the
 simulator does not distort gateway measurements. ``server="hypercorn"`` serves them
 with hypercorn's trio worker instead.
 """
@@ -35,10 +35,10 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_SERVER", "SERVER_KINDS", "ChunkSinkFactory", "Fleet", "FleetEngine", "ServerKind",
            "open_fleet", "serve_engine"]
 
-ServerKind = Literal["h11", "hypercorn"]
-"""The HTTP server an engine runs on: the lean trio + h11 one, or hypercorn."""
-DEFAULT_SERVER: ServerKind = "h11"
-SERVER_KINDS: tuple[ServerKind, ...] = ("h11", "hypercorn")
+ServerKind = Literal["lean", "hypercorn"]
+"""The HTTP server an engine runs on: the lean trio one, or hypercorn."""
+DEFAULT_SERVER: ServerKind = "lean"
+SERVER_KINDS: tuple[ServerKind, ...] = ("lean", "hypercorn")
 
 ChunkSinkFactory = Callable[[str, WorkerControl], ChunkSink]
 """``(instance_id, worker_control) -> sink`` the engine's CPU tier reports to."""
@@ -84,7 +84,7 @@ def _hypercorn_config(host: str, port: int) -> hypercorn.config.Config:
     return config
 
 
-def _h11_config(host: str, port: int) -> HttpServerConfig:
+def _lean_config(host: str, port: int) -> HttpServerConfig:
     # Same limits as the hypercorn setup: long-lived benchmark connections are never recycled.
     return HttpServerConfig(host=host, port=port, backlog=4096, max_requests_per_connection=None,
                             keep_alive_timeout=75.0, graceful_timeout=1.0)
@@ -96,9 +96,9 @@ async def serve_engine(engine: SimEngine, *, host: str = "127.0.0.1", port: int 
     """Serve one engine until the block exits; yields its base URL."""
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        if server == "h11":
+        if server == "lean":
             binds: list[str] = await nursery.start(
-                partial(serve_asgi, engine, _h11_config(host, port), shutdown_trigger=stop.wait))
+                partial(serve_asgi, engine, _lean_config(host, port), shutdown_trigger=stop.wait))
         elif server == "hypercorn":
             binds = await nursery.start(
                 partial(
@@ -152,7 +152,7 @@ async def open_fleet(
     With ``chunk_sink_factory`` the engines report to it and no emulator is started;
     otherwise, when ``controller`` is true, the in-process controller emulator is served
     and every engine registered with it, in index order. ``server`` picks the engines'
-    HTTP server (``"h11"``, the lean default, or ``"hypercorn"``).
+    HTTP server (``"lean"``, the default, or ``"hypercorn"``).
     """
     if server not in SERVER_KINDS:
         raise ValueError(f"unknown server {server!r}; expected one of {SERVER_KINDS}")

@@ -3,7 +3,7 @@
 Up to ``max_num_seqs`` requests run at once; more wait in a bounded FIFO (head-of-line,
 like vLLM) until a slot and enough KV blocks are free. Prefill is serialized on one
 GPU lane: a request's prefill starts when the lane is free, so queued prompts see
-each other's prefill time in their TTFT. Streaming requests decode in lockstep, one
+each other's prefill time in their TTFT. Requests (streamed or not) decode in lockstep, one
 token per batch step, at an interval that grows with the batch (as one vLLM engine
 step serves every running sequence); one waiter keeps the step timer and the others
 park, which keeps hundreds of streams cheap. Everything is computed from
@@ -43,6 +43,15 @@ could not all be written; the stream's own task then runs ``on_step`` for a step
 no new tokens (its flush), and the stream follows the batch again."""
 
 _FIRST_OUTPUT_ID = 256
+
+
+def _kept(step: int, ids: list[int], plan: PrefillPlan) -> bool:
+    """The delivery of a unary request's step: its tokens are already in its outputs."""
+    return True
+
+
+async def _no_flush(step: int, ids: list[int], plan: PrefillPlan) -> None:
+    """Never called: :func:`_kept` leaves nothing to flush."""
 
 
 class EngineOverloaded(Exception):
@@ -334,8 +343,9 @@ class Scheduler:
         deliver: StepDelivery | None = None,
         extra_token_delay: float = 0.0,
     ) -> Generation:
-        """Run one request to completion. ``on_step`` streams tokens; without it the decode
-        phase is one sleep at the current batch size's rate. With ``deliver`` too (and
+        """Run one request to completion. ``on_step`` streams tokens; without it the request
+        decodes in the batch's steps all the same (or, without lockstep decode, in one
+        sleep at the current batch size's rate). With ``deliver`` too (and
         lockstep decode), decode steps after the first go through ``deliver``, run by the
         step-timer holder; ``on_step`` is then called with step -1 only to flush what
         ``deliver`` could not write."""
@@ -377,6 +387,12 @@ class Scheduler:
                     else:
                         decode = self._decode_lockstep if config.lockstep_decode else self._decode_own_timer
                         await decode(base, n, max_tokens, outputs, plan, on_step, extra_token_delay)
+            elif max_tokens > 1 and config.lockstep_decode:
+                # In the batch's steps like a stream (as vLLM decodes every running request),
+                # parked until its last step: the step timer's holder appends its tokens, and
+                # the request needs no timer of its own.
+                await self._decode_followed(base, n, max_tokens, outputs, plan, _no_flush, _kept,
+                                            extra_token_delay)
             else:
                 if max_tokens > 1:
                     per_token = self.cost.decode_interval(self._running) + extra_token_delay

@@ -1,4 +1,4 @@
-"""The simulator's trio + h11 HTTP server, on real loopback sockets."""
+"""The simulator's lean trio HTTP server, on real loopback sockets."""
 
 from __future__ import annotations
 
@@ -395,7 +395,7 @@ async def test_serves_the_controller_emulator_app() -> None:
 CONFIG = EngineConfig(speed=1000.0, gpu_kv_tokens=16384, cpu_tier_tokens=8192, max_model_len=8192)
 
 
-@pytest.mark.parametrize("server", ["h11", "hypercorn"])
+@pytest.mark.parametrize("server", ["lean", "hypercorn"])
 async def test_engine_answers_the_same_on_both_servers(server: str) -> None:
     engine = SimEngine(CONFIG)
     async with serve_engine(engine, server=server) as url, httpx.AsyncClient(timeout=10) as http:  # type: ignore[arg-type]
@@ -417,7 +417,7 @@ async def test_engine_answers_the_same_on_both_servers(server: str) -> None:
 
 async def test_engine_request_is_cancelled_when_its_client_goes_away() -> None:
     engine = SimEngine(EngineConfig(speed=1.0, gpu_kv_tokens=16384, max_model_len=8192))
-    async with serve_engine(engine, server="h11") as url:
+    async with serve_engine(engine, server="lean") as url:
         client = RawClient(await connect(url))
         body = b'{"prompt":"hello there","max_tokens":1000,"stream":true}'
         await client.stream.send_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
@@ -471,7 +471,7 @@ async def test_an_unwatched_app_keeps_running_after_its_client_goes() -> None:
 
 async def test_a_unary_engine_request_is_aborted_when_its_client_goes_away() -> None:
     engine = SimEngine(EngineConfig(speed=1.0, gpu_kv_tokens=16384, max_model_len=8192))
-    async with serve_engine(engine, server="h11") as url:
+    async with serve_engine(engine, server="lean") as url:
         client = RawClient(await connect(url))
         body = b'{"prompt":"hello there","max_tokens":2000}'
         await client.stream.send_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "

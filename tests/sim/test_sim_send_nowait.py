@@ -1,4 +1,4 @@
-"""The h11 server's ``send_nowait`` ASGI extension, on real loopback sockets: a chunk the
+"""The lean server's ``send_nowait`` ASGI extension, on real loopback sockets: a chunk the
 socket does not take whole is kept and goes out first with the next ``send``."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ async def test_send_nowait_outside_a_streamed_body_is_refused() -> None:
 
 
 async def _get_once(app: Callable[..., Awaitable[None]]) -> httpx.Response:
-    """Serve ``app`` on the h11 server (port 0), GET / once, stop the server."""
+    """Serve ``app`` on the lean server (port 0), GET / once, stop the server."""
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         urls: list[str] = await nursery.start(
