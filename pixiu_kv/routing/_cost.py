@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["PredictionLag", "PrefillLearner", "PrefillQueue"]
+__all__ = ["PredictionLag", "PrefillLearner", "PrefillQueue", "queued_seconds"]
 
 # The prior stays in the fit as this many pseudo-observations (two points on the prior
 # line), so a slope that the data cannot identify (all prompts the same size) falls back to it.
@@ -160,3 +160,26 @@ class PredictionLag:
         current = self.value(now)
         self.level = current + self._weight * (max(excess, 0.0) - current)
         self._since = max(now, self._since)
+
+
+def queued_seconds(queue: PrefillQueue, lag: PredictionLag, now: float) -> float:
+    """``queue.backlog(now)`` (0 when nothing is pending) plus ``lag.value(now)``, as one call
+    with both inlined: the router asks it of every endpoint on every decision, where two
+    method calls per endpoint were a tenth of the decision's CPU."""
+    queued = 0.0
+    if queue.pending:
+        since = queue._since
+        if now > since:
+            if queue._backlog > 0:
+                queue._backlog = max(0.0, queue._backlog - (now - since))
+            queue._since = now
+        queued = queue._backlog
+    level = lag.level
+    if level:
+        since = lag._since
+        if level > 0.0 and now > since:
+            level *= 0.5 ** ((now - since) / lag._half_life)
+            lag.level = level
+            lag._since = now
+        queued += level
+    return queued

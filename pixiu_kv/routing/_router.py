@@ -24,7 +24,7 @@ from typing import Final
 import attrs
 
 from ._blocks import BlockSchedule, PrefixKeys
-from ._cost import PredictionLag, PrefillLearner, PrefillQueue
+from ._cost import PredictionLag, PrefillLearner, PrefillQueue, queued_seconds
 from ._hot import HotPlacement, HotPrefixes
 from ._prefix_index import PrefixIndex
 from ._session import SessionRing, stable_hash
@@ -254,6 +254,7 @@ class Router:
         top = best_real if cost_model and duplicate else 0
         ranks: list[tuple[float, int, int, int]] = []
         append_rank = ranks.append
+        n = 0  # rows so far
         # The hot loop of a decision (once per endpoint): locals only, and the queue and lag
         # are asked only when they hold something.
         for view in endpoints:
@@ -272,9 +273,8 @@ class Router:
                 continue
             # Predicted work not yet prefilled, plus how late this engine has lately been
             # against its predictions (closes the loop on what the model does not see).
-            queued = queue.backlog(now) if queue.pending else 0.0
-            if state.lag.level:
-                queued += state.lag.value(now)
+            lag = state.lag
+            queued = queued_seconds(queue, lag, now) if queue.pending or lag.level else 0.0
             overloaded = load >= ratio * cap
             real = matched.get(endpoint_id, 0) if matched and not overloaded else 0
             if real > best_eligible_real:
@@ -283,14 +283,15 @@ class Router:
             ttft = (queued + running * load + learner.base + learner.per_token * (prompt_tokens - real)
                     + per_cached * real)
             if not cost_model:
-                append_rank((-real, load, id_hashes[endpoint_id] ^ salt, len(rows)))
+                append_rank((-real, load, id_hashes[endpoint_id] ^ salt, n))
             elif real < top:
                 append_rank(((ttft + duplicate * learner.per_token * (top - real)) // _COST_RESOLUTION,
-                             load, id_hashes[endpoint_id] ^ salt, len(rows)))
+                             load, id_hashes[endpoint_id] ^ salt, n))
             else:
-                append_rank((ttft // _COST_RESOLUTION, load, id_hashes[endpoint_id] ^ salt, len(rows)))
+                append_rank((ttft // _COST_RESOLUTION, load, id_hashes[endpoint_id] ^ salt, n))
             append((view, state, queued, load, overloaded, real, real, ttft, ttft))
             append_queued(queued)
+            n += 1
         if not rows:
             self._decisions["no-endpoint"] += 1
             return Decision(endpoint_id=None, reason="no-endpoint", matched_tokens=0,
