@@ -45,15 +45,6 @@ no new tokens (its flush), and the stream follows the batch again."""
 _FIRST_OUTPUT_ID = 256
 
 
-def _kept(step: int, ids: list[int], plan: PrefillPlan) -> bool:
-    """The delivery of a unary request's step: its tokens are already in its outputs."""
-    return True
-
-
-async def _no_flush(step: int, ids: list[int], plan: PrefillPlan) -> None:
-    """Never called: :func:`_kept` leaves nothing to flush."""
-
-
 class EngineOverloaded(Exception):
     """The waiting queue is full."""
 
@@ -112,9 +103,15 @@ class _Waiter:
     allocation: BlockAllocation | None = None
 
 
+def _unused_delivery(step: int, ids: list[int], plan: PrefillPlan) -> bool:
+    raise AssertionError("a request decoding without a stream gets no step deliveries")
+
+
 @attrs.define(eq=False)
 class _Follower:
-    """A lockstep stream whose steps the step-timer holder delivers."""
+    """A request decoding in lockstep, parked while the step-timer holder runs the steps:
+    a stream (its steps delivered) or, with ``finish_step``, a request that only waits for
+    its last step."""
 
     starts: list[int]
     """Each choice's window in the output table."""
@@ -122,6 +119,8 @@ class _Follower:
     outputs: list[list[int]]
     plan: PrefillPlan
     deliver: StepDelivery
+    finish_step: int | None = None
+    """The batch step after which a request without a stream is done."""
     next_step: int = 1
     stopped: bool = False
     """Finished, or its output waits for an async flush: its task must run."""
@@ -148,7 +147,12 @@ class Scheduler:
         self._decoding = 0
         self._step_lot = trio.lowlevel.ParkingLot()
         self._followers: dict[_Follower, None] = {}
-        """Streams delivered to by the step-timer holder (insertion-ordered set)."""
+        """Every parked decoding request, one of which takes the step timer over from a
+        holder that leaves (insertion-ordered set)."""
+        self._streams: dict[_Follower, None] = {}
+        """The followers the step-timer holder delivers each step to."""
+        self._finishing: dict[int, list[_Follower]] = {}
+        """Followers without a stream, by the batch step after which they are done."""
 
     @property
     def running(self) -> int:
@@ -216,8 +220,10 @@ class Scheduler:
             await trio.sleep_until(deadline)
             self._step += 1
             self._step_time = deadline
-            if self._followers:
+            if self._streams:
                 self._deliver_step()
+            for follower in self._finishing.pop(self._step, ()):
+                self._stop(follower)
         finally:
             self._step_timer_held = False
             self._step_lot.unpark_all()
@@ -228,8 +234,15 @@ class Scheduler:
                     follower.wake.set()
                     break
 
+    def _stop(self, follower: _Follower) -> None:
+        follower.stopped = True
+        self._followers.pop(follower, None)
+        self._streams.pop(follower, None)
+        if follower.wake is not None:
+            follower.wake.set()
+
     def _deliver_step(self) -> None:
-        for follower in list(self._followers):
+        for follower in list(self._streams):
             step = follower.next_step
             ids = [_OUTPUTS[(start + step) & _OUTPUT_MASK] for start in follower.starts]
             for out, token in zip(follower.outputs, ids, strict=True):
@@ -241,15 +254,16 @@ class Scheduler:
                 follower.failure = error
                 delivered = False
             if not delivered or follower.next_step >= follower.max_tokens:
-                follower.stopped = True
-                del self._followers[follower]
-                if follower.wake is not None:
-                    follower.wake.set()
+                self._stop(follower)
 
     async def _follow(self, follower: _Follower, extra_delay: float) -> None:
         """Until the holder stops ``follower``: park, or hold the step timer."""
         follower.stopped = False
         self._followers[follower] = None
+        if follower.finish_step is None:
+            self._streams[follower] = None
+        else:
+            self._finishing.setdefault(follower.finish_step, []).append(follower)
         try:
             while not follower.stopped:
                 if self._step_timer_held:
@@ -261,7 +275,13 @@ class Scheduler:
                     continue
                 await self._hold_step_timer(extra_delay)
         finally:
-            self._followers.pop(follower, None)
+            if not follower.stopped:  # cancelled
+                self._followers.pop(follower, None)
+                self._streams.pop(follower, None)
+                if follower.finish_step is not None:
+                    self._finishing[follower.finish_step].remove(follower)
+                    if not self._finishing[follower.finish_step]:
+                        del self._finishing[follower.finish_step]
         if follower.failure is not None:
             raise follower.failure
 
@@ -278,6 +298,19 @@ class Scheduler:
                 await self._follow(follower, extra_delay)
                 if follower.next_step < max_tokens:
                     await on_step(-1, [], plan)  # the flush of output the socket did not take
+        finally:
+            self._decoding -= 1
+
+    async def _decode_parked(self, steps: int, plan: PrefillPlan, extra_delay: float) -> None:
+        """Wait ``steps`` batch steps without a stream: parked until the step-timer holder
+        reaches the last one (or holding the timer when no one else does)."""
+        if self._decoding == 0:
+            self._step_time = trio.current_time()
+        self._decoding += 1
+        try:
+            follower = _Follower([], steps + 1, [], plan, _unused_delivery,
+                                 finish_step=self._step + steps)
+            await self._follow(follower, extra_delay)
         finally:
             self._decoding -= 1
 
@@ -387,14 +420,12 @@ class Scheduler:
                     else:
                         decode = self._decode_lockstep if config.lockstep_decode else self._decode_own_timer
                         await decode(base, n, max_tokens, outputs, plan, on_step, extra_token_delay)
-            elif max_tokens > 1 and config.lockstep_decode:
-                # In the batch's steps like a stream (as vLLM decodes every running request),
-                # parked until its last step: the step timer's holder appends its tokens, and
-                # the request needs no timer of its own.
-                await self._decode_followed(base, n, max_tokens, outputs, plan, _no_flush, _kept,
-                                            extra_token_delay)
             else:
-                if max_tokens > 1:
+                if max_tokens > 1 and config.lockstep_decode:
+                    # In the batch's steps like a stream (vLLM decodes every running request
+                    # in each step), parked until the last one: no timer of its own.
+                    await self._decode_parked(max_tokens - 1, plan, extra_token_delay)
+                elif max_tokens > 1:
                     per_token = self.cost.decode_interval(self._running) + extra_token_delay
                     await trio.sleep(per_token * (max_tokens - 1))
                 for c, out in enumerate(outputs):

@@ -115,3 +115,47 @@ async def test_cancelled_holder_hands_the_timer_over(autojump_clock: trio.testin
     assert sorted(finished) == [1, 2, 3]
     assert engine.scheduler.running == 0
     assert engine.metrics.requests_aborted == 1
+
+
+async def _unary(engine: SimEngine, requests: int, abandon: bool = False
+                 ) -> tuple[dict[int, float], dict[int, list[list[int]]]]:
+    finished: dict[int, float] = {}
+    outputs: dict[int, list[list[int]]] = {}
+    start = trio.current_time()
+
+    async def unary(index: int) -> None:
+        gen = await engine.scheduler.generate(_prompt(index), 12, n=2, seed=index)
+        finished[index] = trio.current_time() - start
+        outputs[index] = gen.outputs
+
+    async def abandoned() -> None:
+        with trio.move_on_after(engine.scheduler.cost.decode_interval(4) * 3):
+            await engine.scheduler.generate(_prompt(9), 12, seed=9)
+
+    async with trio.open_nursery() as nursery:
+        for index in range(requests):
+            nursery.start_soon(unary, index)
+        if abandon:
+            nursery.start_soon(abandoned)
+    return finished, outputs
+
+
+async def test_requests_without_a_stream_finish_at_their_last_batch_step(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Unary requests decode in the same steps as streams: the same ids, done at the step
+    a stream of the same length gets its last token."""
+    streamed, _, stream_out = await _run(_engine(), 3, delivered=True)
+    finished, outputs = await _unary(_engine(), 3)
+    assert [outputs[i] for i in range(3)] == stream_out
+    assert [finished[i] for i in range(3)] == [times[-1][1] for times in streamed]
+
+
+async def test_a_cancelled_request_without_a_stream_leaves_the_others_on_time(
+        autojump_clock: trio.testing.MockClock) -> None:
+    engine = _engine()
+    finished, outputs = await _unary(engine, 3, abandon=True)
+    alone, alone_outputs = await _unary(_engine(), 3)
+    assert outputs == alone_outputs
+    # The batch held one more request for three steps, which were a little longer.
+    assert all(alone[i] < finished[i] < alone[i] * 1.1 for i in range(3))
+    assert engine.scheduler.running == 0 and engine.metrics.requests_aborted == 1
