@@ -55,7 +55,8 @@ async def sim_fleet_process(engines: int, *, max_num_seqs: int,
 
 
 def stop_popen(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    """Terminate a process started with ``subprocess.Popen``; kill it if it lingers."""
+    """Terminate a process started with ``subprocess.Popen``; kill it if it lingers. Its
+    pipes are closed."""
     if process.poll() is None:
         process.terminate()
         try:
@@ -63,3 +64,6 @@ def stop_popen(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    for pipe in (process.stdin, process.stdout, process.stderr):
+        if pipe is not None:
+            pipe.close()

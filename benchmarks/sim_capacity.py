@@ -1,11 +1,13 @@
 """How much CPU one simulated engine spends per request, on each of its HTTP servers.
 
-``python -m benchmarks.sim_capacity [--requests 500] [--rounds 3] [--speed 1] [--keep-alive 4]``
+``python -m benchmarks.sim_capacity [--requests 500] [--rounds 3] [--speed 1] [--keep-alive 4]
+[--max-tokens 16]``
 
 One engine runs in its own process (``pixiu-kv sim --engines 1 --no-controller``), once
 per server (``lean``, ``hypercorn``). A raw-socket load generator (``--requests``
 connections opened at once, so the requests are concurrent) runs rounds of: bare
-``GET /health``, a 16-token JSON completion, a 16-token stream with usage and ``[DONE]``;
+``GET /health``, a JSON completion and a stream with usage and ``[DONE]`` (``--max-tokens``
+tokens each, 16 by default; one token separates a request's own cost from its tokens');
 first with one request per connection, then with ``--keep-alive`` requests one after the
 other on each connection (as a gateway's connection pool sends them).
 The engine's CPU time (user + system, psutil) over a round divided by the number of
@@ -46,11 +48,12 @@ def _start_engine(server: str, speed: float, requests: int) -> tuple[subprocess.
     return process, json.loads(line)["engines"][0]["url"]
 
 
-def _request(kind: str, index: int, host: str) -> bytes:
+def _request(kind: str, index: int, host: str, max_tokens: int = 16) -> bytes:
     if kind == "health":
         return f"GET /health HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
     # A distinct short prompt per request: no prefix-cache hits, a short prefill lane.
-    body: dict[str, Any] = {"prompt": f"request {index} asks about item {index * 7919}", "max_tokens": 16}
+    body: dict[str, Any] = {"prompt": f"request {index} asks about item {index * 7919}",
+                            "max_tokens": max_tokens}
     if kind == "stream":
         body |= {"stream": True, "stream_options": {"include_usage": True}}
     data = json.dumps(body).encode()
@@ -111,11 +114,12 @@ async def _one(stream: trio.SocketStream, payload: bytes, kind: str, state: _Rou
         state.open_streams -= 1
 
 
-async def _round(url: str, kind: str, connections: int, per_connection: int) -> tuple[_Round, float]:
+async def _round(url: str, kind: str, connections: int, per_connection: int,
+                 max_tokens: int = 16) -> tuple[_Round, float]:
     host_port = url.removeprefix("http://")
     host, port = host_port.rsplit(":", 1)
-    payloads = [[_request(kind, index * per_connection + turn, host_port) for turn in range(per_connection)]
-                for index in range(connections)]
+    payloads = [[_request(kind, index * per_connection + turn, host_port, max_tokens)
+                 for turn in range(per_connection)] for index in range(connections)]
     state = _Round()
     started = time.perf_counter()
     with trio.fail_after(_ROUND_DEADLINE_S):
@@ -137,14 +141,14 @@ async def _measure(server: str, args: argparse.Namespace) -> dict[str, Any]:
         results: dict[str, Any] = {}
         for per_connection in sorted({1, args.keep_alive}):
             for kind in ("health", "json", "stream"):
-                await _round(url, kind, args.requests, 1)  # warm-up: imports, memo tables, allocator
+                await _round(url, kind, args.requests, 1, args.max_tokens)  # warm-up: memo tables, allocator
                 total = args.requests * per_connection
                 per_request: list[float] = []
                 walls: list[float] = []
                 most_open = most_in_flight = 0
                 for _ in range(args.rounds):
                     before = _cpu_s(engine)
-                    state, wall = await _round(url, kind, args.requests, per_connection)
+                    state, wall = await _round(url, kind, args.requests, per_connection, args.max_tokens)
                     spent = _cpu_s(engine) - before
                     if state.failures:
                         raise RuntimeError(f"{server} {kind}: {len(state.failures)} failed: "
@@ -165,6 +169,7 @@ async def _measure(server: str, args: argparse.Namespace) -> dict[str, Any]:
 
 async def _main(args: argparse.Namespace) -> None:
     report: dict[str, Any] = {"requests": args.requests, "rounds": args.rounds, "speed": args.speed,
+                              "max_tokens": args.max_tokens,
                               "load_average": [round(v, 1) for v in psutil.getloadavg()]}
     for server in args.servers:
         report[server] = await _measure(server, args)
@@ -182,10 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--speed", type=float, default=1.0)
     parser.add_argument("--keep-alive", type=int, default=4, help="requests per connection, second pass")
+    parser.add_argument("--max-tokens", type=int, default=16, help="tokens per generation request")
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     args = parser.parse_args(argv)
-    if args.requests < 1 or args.rounds < 1 or args.keep_alive < 1:
-        parser.error("--requests, --rounds and --keep-alive must be at least 1")
+    if args.requests < 1 or args.rounds < 1 or args.keep_alive < 1 or args.max_tokens < 1:
+        parser.error("--requests, --rounds, --keep-alive and --max-tokens must be at least 1")
     trio.run(_main, args)
 
 
