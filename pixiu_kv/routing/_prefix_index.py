@@ -27,13 +27,14 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from itertools import repeat
-from typing import cast
 
 from ._blocks import BlockSchedule, PrefixKeys
 
 __all__ = ["PrefixIndex"]
 
 _UNKNOWN = math.inf
+# The probe default of record(): stands for a block without an entry; never written to.
+_NO_ENTRY: dict[str, float] = {}
 
 
 class PrefixIndex:
@@ -162,43 +163,40 @@ class PrefixIndex:
         before = self._inserted.get(endpoint_id, 0.0)
         cutoff = before - self._capacity.get(endpoint_id, self._default_capacity)
         move_to_end = entries.move_to_end
-        # The probes and the LRU moves run as C loops (map): a Python loop per block was a
-        # third of a decision's CPU.
-        found = list(map(entries.get, keys))
-        prior: list[float | None]
+        # The probes, the reads and the LRU moves run as C loops (map): a Python loop per
+        # block was a third of a decision's CPU. A block without an entry reads as
+        # _NO_ENTRY (empty: its stamp reads None, and all() is False).
+        found = list(map(entries.get, keys, repeat(_NO_ENTRY)))
+        prior: list[float | None] = list(map(dict.get, found, repeat(endpoint_id)))
         if all(found):
-            # Every block has an entry (the common case: a prompt seen before; an entry is
-            # never an empty dict, those are deleted).
-            held = cast("list[dict[str, float]]", found)
-            prior = list(map(dict.get, held, repeat(endpoint_id)))
-            for entry in held:
+            # Every block has an entry (a prompt seen before; an entry is never an empty
+            # dict, those are deleted).
+            for entry in found:
                 entry[endpoint_id] = before
             # Deepest first: a prefix must end up at least as recent as its extensions.
             deque(map(move_to_end, reversed(keys)), 0)
         else:
-            prior = []
-            append = prior.append
-            for block in found:
-                if block is None:
-                    append(None)
-                else:
-                    append(block.get(endpoint_id))
-                    block[endpoint_id] = before
-            for key, block in zip(reversed(keys), reversed(found), strict=True):
-                if block is None:
+            for key, entry in zip(reversed(keys), reversed(found), strict=True):
+                if entry is _NO_ENTRY:
                     entries[key] = {endpoint_id: before}
                 else:
+                    entry[endpoint_id] = before
                     move_to_end(key)
         self.lookups += len(keys)
         # The endpoint's holdings are prefix-closed: when it held the deepest block it held
         # them all; otherwise the first block it lacked is found from the front.
         deepest = prior[-1] if prior else before
         if deepest is None or deepest < cutoff:
-            missing = 0
-            for stamp in prior:
-                if stamp is None or stamp < cutoff:
-                    break
-                missing += 1
+            if cutoff == -math.inf:
+                # Capacity unknown: only a block without a stamp is missing (so deepest is
+                # None here), found by a C search.
+                missing = prior.index(None)
+            else:
+                missing = 0
+                for stamp in prior:
+                    if stamp is None or stamp < cutoff:
+                        break
+                    missing += 1
             self._inserted[endpoint_id] = before + pk.ends[-1] - (pk.ends[missing - 1] if missing else 0)
         while len(entries) > self._max_entries:
             entries.popitem(last=False)
