@@ -24,17 +24,14 @@ holder instead of a walk over every block.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
-from itertools import repeat
 
 from ._blocks import BlockSchedule, PrefixKeys
 
 __all__ = ["PrefixIndex"]
 
 _UNKNOWN = math.inf
-# The probe default of record(): stands for a block without an entry; never written to.
-_NO_ENTRY: dict[str, float] = {}
 
 
 class PrefixIndex:
@@ -162,41 +159,31 @@ class PrefixIndex:
         entries = self._entries
         before = self._inserted.get(endpoint_id, 0.0)
         cutoff = before - self._capacity.get(endpoint_id, self._default_capacity)
+        get = entries.get
         move_to_end = entries.move_to_end
-        # The probes, the reads and the LRU moves run as C loops (map): a Python loop per
-        # block was a third of a decision's CPU. A block without an entry reads as
-        # _NO_ENTRY (empty: its stamp reads None, and all() is False).
-        found = list(map(entries.get, keys, repeat(_NO_ENTRY)))
-        prior: list[float | None] = list(map(dict.get, found, repeat(endpoint_id)))
-        if all(found):
-            # Every block has an entry (a prompt seen before; an entry is never an empty
-            # dict, those are deleted).
-            for entry in found:
+        prior: list[float | None] = []
+        append = prior.append
+        # Deepest first: a prefix must end up at least as recent as its extensions.
+        for key in reversed(keys):
+            entry = get(key)
+            if entry is None:
+                entries[key] = {endpoint_id: before}
+                append(None)
+            else:
+                move_to_end(key)
+                append(entry.get(endpoint_id))
                 entry[endpoint_id] = before
-            # Deepest first: a prefix must end up at least as recent as its extensions.
-            deque(map(move_to_end, reversed(keys)), 0)
-        else:
-            for key, entry in zip(reversed(keys), reversed(found), strict=True):
-                if entry is _NO_ENTRY:
-                    entries[key] = {endpoint_id: before}
-                else:
-                    entry[endpoint_id] = before
-                    move_to_end(key)
+        prior.reverse()
         self.lookups += len(keys)
         # The endpoint's holdings are prefix-closed: when it held the deepest block it held
         # them all; otherwise the first block it lacked is found from the front.
         deepest = prior[-1] if prior else before
         if deepest is None or deepest < cutoff:
-            if cutoff == -math.inf:
-                # Capacity unknown: only a block without a stamp is missing (so deepest is
-                # None here), found by a C search.
-                missing = prior.index(None)
-            else:
-                missing = 0
-                for stamp in prior:
-                    if stamp is None or stamp < cutoff:
-                        break
-                    missing += 1
+            missing = 0
+            for stamp in prior:
+                if stamp is None or stamp < cutoff:
+                    break
+                missing += 1
             self._inserted[endpoint_id] = before + pk.ends[-1] - (pk.ends[missing - 1] if missing else 0)
         while len(entries) > self._max_entries:
             entries.popitem(last=False)
