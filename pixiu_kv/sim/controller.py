@@ -17,19 +17,14 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from functools import partial
-from typing import cast
 
 import attrs
-import hypercorn.config
-import hypercorn.trio
-import hypercorn.typing
-import trio
 
 from pixiu_kv.sim._controller_api import EmulatorState
 from pixiu_kv.sim._controller_asgi import ControllerAsgi, FaultBox, Faults
 from pixiu_kv.sim._controller_index import ChunkIndex
 from pixiu_kv.sim._controller_memtier import MemoryTier
+from pixiu_kv.sim._serving import DEFAULT_SERVER, ServerKind, serving
 from pixiu_kv.sim.lmcache_link import CHUNK_SIZE, ChunkSink, WorkerControl
 
 __all__ = ["ControllerEmulator", "Faults", "MemoryTier", "open_controller_emulator"]
@@ -175,37 +170,22 @@ class ControllerEmulator:
 
 @asynccontextmanager
 async def open_controller_emulator(
-    emulator: ControllerEmulator | None = None, *, host: str = "127.0.0.1", port: int = 0
+    emulator: ControllerEmulator | None = None, *, host: str = "127.0.0.1", port: int = 0,
+    server: ServerKind = DEFAULT_SERVER,
 ) -> AsyncIterator[ControllerEmulator]:
-    """Serve ``emulator`` (a default one if None) with hypercorn on ``host:port``
-    (0 = any free port). ``emulator.url`` is its base URL; the server stops when the
-    block exits.
+    """Serve ``emulator`` (a default one if None) on ``host:port`` (0 = any free port), on
+    the lean server by default or on hypercorn. ``emulator.url`` is its base URL; the
+    server stops when the block exits.
     """
     emulator = emulator or ControllerEmulator()
-    config = hypercorn.config.Config()
-    config.bind = [f"{host}:{port}"]
-    config.accesslog = None
-    config.errorlog = None
-    config.graceful_timeout = 1.0
-    stop = trio.Event()
     body_error: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(
-            partial(
-                hypercorn.trio.serve,
-                # A raw ASGI callable; hypercorn's typing wants its own scope/event unions.
-                cast(hypercorn.typing.ASGIFramework, emulator.app),
-                config,
-                shutdown_trigger=stop.wait,
-            )
-        )
-        emulator.url = binds[0]
+    async with serving(emulator.app, host=host, port=port, server=server) as url:
+        emulator.url = url
         try:
             yield emulator
         except BaseException as exc:
             body_error = exc  # re-raised below so it does not reach the caller as an ExceptionGroup
         finally:
             emulator.release_hangs()
-            stop.set()
     if body_error is not None:
         raise body_error

@@ -5,8 +5,8 @@ each engine's CPU tier with the controller (the in-process emulator by default, 
 ``chunk_sink_factory``), and stops them all on exit. Instance ids are ``engine-0`` ..
 ``engine-{N-1}``: the LMCache instance id equals the gateway endpoint id (the routing contract).
 
-Engines are served by the lean trio server of :mod:`._http_server` by default
-(``server="lean"``): it costs a fraction of hypercorn's CPU per request, so the
+Engines and the emulator are served by the lean trio server of :mod:`._http_server` by
+default (``server="lean"``): it costs a fraction of hypercorn's CPU per request, so the
 simulator does not distort gateway measurements. ``server="hypercorn"`` serves them
 with hypercorn's trio worker instead.
 """
@@ -15,16 +15,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from functools import partial
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any
 
 import attrs
-import hypercorn.config
-import hypercorn.trio
-import hypercorn.typing
-import trio
 
-from ._http_server import HttpServerConfig, serve_asgi
+from ._serving import DEFAULT_SERVER, SERVER_KINDS, ServerKind, serving
 from .engine import SimEngine
 from .engine_config import EngineConfig
 from .lmcache_link import ChunkSink, WorkerControl
@@ -34,11 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_SERVER", "SERVER_KINDS", "ChunkSinkFactory", "Fleet", "FleetEngine", "ServerKind",
            "open_fleet", "serve_engine"]
-
-ServerKind = Literal["lean", "hypercorn"]
-"""The HTTP server an engine runs on: the lean trio one, or hypercorn."""
-DEFAULT_SERVER: ServerKind = "lean"
-SERVER_KINDS: tuple[ServerKind, ...] = ("lean", "hypercorn")
 
 ChunkSinkFactory = Callable[[str, WorkerControl], ChunkSink]
 """``(instance_id, worker_control) -> sink`` the engine's CPU tier reports to."""
@@ -70,51 +60,12 @@ class Fleet:
         raise KeyError(instance_id)
 
 
-def _hypercorn_config(host: str, port: int) -> hypercorn.config.Config:
-    config = hypercorn.config.Config()
-    config.bind = [f"{host}:{port}"]
-    config.accesslog = None
-    config.errorlog = None
-    config.backlog = 4096
-    config.graceful_timeout = 1.0
-    # Long-lived benchmark connections must not be recycled under load.
-    config.keep_alive_max_requests = 1_000_000
-    config.keep_alive_timeout = 75.0
-    config.include_server_header = False
-    return config
-
-
-def _lean_config(host: str, port: int) -> HttpServerConfig:
-    # Same limits as the hypercorn setup: long-lived benchmark connections are never recycled.
-    return HttpServerConfig(host=host, port=port, backlog=4096, max_requests_per_connection=None,
-                            keep_alive_timeout=75.0, graceful_timeout=1.0)
-
-
 @asynccontextmanager
 async def serve_engine(engine: SimEngine, *, host: str = "127.0.0.1", port: int = 0,
                        server: ServerKind = DEFAULT_SERVER) -> AsyncIterator[str]:
     """Serve one engine until the block exits; yields its base URL."""
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        if server == "lean":
-            binds: list[str] = await nursery.start(
-                partial(serve_asgi, engine, _lean_config(host, port), shutdown_trigger=stop.wait))
-        elif server == "hypercorn":
-            binds = await nursery.start(
-                partial(
-                    hypercorn.trio.serve,
-                    # A raw ASGI callable; hypercorn's typing wants its own scope/event unions.
-                    cast(hypercorn.typing.ASGIFramework, engine),
-                    _hypercorn_config(host, port),
-                    shutdown_trigger=stop.wait,
-                )
-            )
-        else:
-            raise ValueError(f"unknown server {server!r}; expected one of {SERVER_KINDS}")
-        try:
-            yield binds[0]
-        finally:
-            stop.set()
+    async with serving(engine, host=host, port=port, server=server) as url:
+        yield url
 
 
 def _engine_configs(count: int, base: EngineConfig, overrides: Sequence[dict[str, Any]] | None
@@ -165,8 +116,8 @@ async def open_fleet(
         if factory is None and controller:
             from .controller import open_controller_emulator
 
-            emulator = await stack.enter_async_context(open_controller_emulator(host=host,
-                                                                                port=controller_port))
+            emulator = await stack.enter_async_context(open_controller_emulator(
+                host=host, port=controller_port, server=server))
             controller_url = emulator.url
             factory = emulator.register
         if factory is not None:
