@@ -55,6 +55,7 @@ async def _signalled() -> None:
 
 
 async def _run(settings: dict[str, Any]) -> None:
+    from pixiu_kv.sim._serving import tune_gc_for_serving
     from pixiu_kv.sim.engine_config import EngineConfig
     from pixiu_kv.sim.fleet import open_fleet
 
@@ -75,6 +76,7 @@ async def _run(settings: dict[str, Any]) -> None:
             binds: list[str] = await nursery.start(partial(
                 hypercorn.trio.serve, cast(hypercorn.typing.ASGIFramework, front), hc,
                 shutdown_trigger=stop.wait))
+            tune_gc_for_serving()
             print(json.dumps({
                 "engines": [{"id": e.instance_id, "url": e.url} for e in fleet.engines],
                 "controller_url": fleet.controller_url,
