@@ -162,6 +162,24 @@ class _Message:
     def _not_chunked(self) -> Exception:
         return self._malformed("only Transfer-Encoding: chunked is supported")
 
+    def _take_head(self, limit: int) -> tuple[bytes, int] | None:
+        """The next head (up to its blank line, taken from the buffer) and the end of its
+        first line; None while it is incomplete. Refused past ``limit`` bytes, even before
+        it ends."""
+        buf = self.buffer
+        end = buf.find(b"\r\n\r\n", 0, limit + 4)
+        if end < 0:
+            if len(buf) > limit:
+                raise self._too_large()
+            return None
+        head = bytes(buf[:end])
+        del buf[: end + 4]
+        first_end = head.find(b"\r\n")
+        return head, first_end if first_end >= 0 else len(head)
+
+    def _too_large(self) -> Exception:
+        return self._malformed(f"{self._kind} head too large")
+
     def read_body(self) -> tuple[bytes, bool]:
         """The body bytes available now (``b""``: feed more) and whether the body is complete.
 
@@ -268,22 +286,13 @@ class ReplyParser(_Message):
 
     def read_head(self) -> ReplyHead | None:
         """The reply head once complete (informational replies skipped); None: feed more."""
-        buf = self.buffer
         while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > MAX_HEAD_BYTES:
-                    raise MalformedReply("reply head too large")
+            taken = self._take_head(MAX_HEAD_BYTES)
+            if taken is None:
                 if self._eof:
                     raise UpstreamUnavailable("connection closed before the reply head")
                 return None
-            if end > MAX_HEAD_BYTES:
-                raise MalformedReply("reply head too large")
-            head = bytes(buf[:end])
-            del buf[: end + 4]
-            first_end = head.find(b"\r\n")
-            if first_end < 0:
-                first_end = len(head)
+            head, first_end = taken
             status_line = _STATUS_LINE.fullmatch(head, 0, first_end)
             if status_line is None:
                 raise MalformedReply("reply is not HTTP/1.x")
@@ -336,26 +345,20 @@ class RequestParser(_Message):
     def _not_chunked(self) -> Exception:
         return BadRequest("only Transfer-Encoding: chunked is supported", 501)
 
+    def _too_large(self) -> Exception:
+        return BadRequest("request head too large", 431)
+
     def read_head(self) -> RequestHead | None:
         """The next request head once complete; None: feed more, or (``at_eof``) the client
         closed the connection between requests."""
         if self._mode != _DONE:
             raise RuntimeError("read_head before the previous request body was read")
-        buf = self.buffer
-        end = buf.find(b"\r\n\r\n", 0, self._max_head + 4)
-        if end < 0:
-            if len(buf) > self._max_head:
-                raise BadRequest("request head too large", 431)
-            if self._eof and buf:
+        taken = self._take_head(self._max_head)
+        if taken is None:
+            if self._eof and self.buffer:
                 raise ClientGone("connection closed inside a request head")
             return None
-        if end > self._max_head:
-            raise BadRequest("request head too large", 431)
-        head = bytes(buf[:end])
-        del buf[: end + 4]
-        first_end = head.find(b"\r\n")
-        if first_end < 0:
-            first_end = len(head)
+        head, first_end = taken
         line = _REQUEST_LINE.fullmatch(head, 0, first_end)
         if line is None:
             raise BadRequest("not an HTTP/1.x request line")

@@ -11,7 +11,7 @@ import h11
 import httpx
 import pytest
 import trio
-from sim_helpers import wait_until
+from sim_helpers import open_raw_stream, wait_until
 
 from pixiu_kv.sim import EngineConfig, SimEngine, open_fleet, serve_engine
 from pixiu_kv.sim._http_server import CANCEL_ON_DISCONNECT, AsgiApp, HttpServerConfig, serve_asgi
@@ -418,15 +418,13 @@ async def test_engine_answers_the_same_on_both_servers(server: str) -> None:
 async def test_engine_request_is_cancelled_when_its_client_goes_away() -> None:
     engine = SimEngine(EngineConfig(speed=1.0, gpu_kv_tokens=16384, max_model_len=8192))
     async with serve_engine(engine, server="lean") as url:
-        client = RawClient(await connect(url))
-        body = b'{"prompt":"hello there","max_tokens":1000,"stream":true}'
-        await client.stream.send_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
-                                     b"application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        stream = await open_raw_stream(url, "/v1/completions",
+                                       {"prompt": "hello there", "max_tokens": 1000, "stream": True})
         received = b""
         while b"data: " not in received:
-            received += await client.stream.receive_some(65536)
+            received += await stream.receive_some(65536)
         assert engine.scheduler.running == 1
-        await client.stream.aclose()
+        await stream.aclose()
         await wait_until(lambda: engine.in_flight == 0)
     assert engine.scheduler.running == 0
 
@@ -472,12 +470,9 @@ async def test_an_unwatched_app_keeps_running_after_its_client_goes() -> None:
 async def test_a_unary_engine_request_is_aborted_when_its_client_goes_away() -> None:
     engine = SimEngine(EngineConfig(speed=1.0, gpu_kv_tokens=16384, max_model_len=8192))
     async with serve_engine(engine, server="lean") as url:
-        client = RawClient(await connect(url))
-        body = b'{"prompt":"hello there","max_tokens":2000}'
-        await client.stream.send_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
-                                     b"application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        stream = await open_raw_stream(url, "/v1/completions", {"prompt": "hello there", "max_tokens": 2000})
         await wait_until(lambda: engine.scheduler.running == 1)
-        await client.stream.aclose()
+        await stream.aclose()
         await wait_until(lambda: engine.in_flight == 0)
     assert engine.scheduler.running == 0
     assert engine.metrics.requests_aborted == 1

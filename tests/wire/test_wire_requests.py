@@ -11,6 +11,7 @@ from typing import Any
 
 import h11
 import pytest
+from wire_helpers import read_whole_body, splits
 
 from pixiu_kv._http11_wire import BadRequest, ClientGone, RequestParser
 
@@ -104,23 +105,12 @@ def via_parser(pieces: list[bytes]) -> list[Outcome]:
                     return out
                 parser.feed(next(feed))
                 head = parser.read_head()
-            body = b""
-            while True:
-                data, done = parser.read_body()
-                body += data
-                if done:
-                    break
-                if not data:
-                    parser.feed(next(feed))
+            body = read_whole_body(parser, feed)
             out.append((head.method, head.target, head.http11, head.headers, body))
             if not head.keep_alive:
                 return out
     except (BadRequest, ClientGone):
         return [*out, ("error",)]
-
-
-def splits(raw: bytes) -> list[list[bytes]]:
-    return [[raw], [raw[i:i + 1] for i in range(len(raw))], [raw[: len(raw) // 2], raw[len(raw) // 2:]]]
 
 
 def canonical(outcomes: list[Outcome]) -> list[Outcome]:

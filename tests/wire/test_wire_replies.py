@@ -11,6 +11,7 @@ from typing import Any
 
 import h11
 import pytest
+from wire_helpers import read_whole_body, splits
 
 from pixiu_kv._http11_wire import ReplyParser, request_bytes
 from pixiu_kv.upstream.resilience import MalformedReply, UpstreamUnavailable
@@ -94,24 +95,13 @@ def via_parser(pieces: list[bytes], method: bytes) -> Outcome:
     try:
         while (head := parser.read_head()) is None:
             parser.feed(next(feed))
-        body = b""
-        while True:
-            data, done = parser.read_body()
-            body += data
-            if done:
-                break
-            if not data:
-                parser.feed(next(feed))
+        body = read_whole_body(parser, feed)
     except (MalformedReply, UpstreamUnavailable):
         return ("error",)
     for rest in feed:  # what the server sent after the reply (not its close: h11 saw none)
         if rest:
             parser.feed(rest)
     return (head.status, head.headers, body, parser.reusable)
-
-
-def splits(raw: bytes) -> list[list[bytes]]:
-    return [[raw], [raw[i:i + 1] for i in range(len(raw))], [raw[: len(raw) // 2], raw[len(raw) // 2:]]]
 
 
 # Stricter than h11, on purpose: no other HTTP version, no control characters in values.
