@@ -42,6 +42,8 @@ GOALS_MS = {"lmcache_up": 0.3, "lmcache_down": 0.05}
 # -- the upstream, in its own process ---------------------------------------------------------
 
 def _fake_upstream(delay: float, prompt_tokens: int) -> Any:
+    from pixiu_kv._asgi import serve_lifespan
+
     tokens = list(range(1000, 1000 + prompt_tokens))
     tokenize_reply = json.dumps({"count": len(tokens), "tokens": tokens, "max_model_len": 32768}).encode()
     lookup_reply = json.dumps({"event_id": "e", "layout_info": {
@@ -49,9 +51,7 @@ def _fake_upstream(delay: float, prompt_tokens: int) -> Any:
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await serve_lifespan(receive, send)
             return
         while (await receive()).get("more_body"):
             pass

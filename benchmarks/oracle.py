@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import trio
 
-from pixiu_kv._asgi import BodyTooLarge, receive_body
+from pixiu_kv._asgi import BodyTooLarge, receive_body, serve_lifespan
 
 __all__ = [
     "CostRates",
@@ -240,13 +240,8 @@ class OracleApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         path = scope["path"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -10,7 +11,8 @@ import attrs
 from .chain import ASGIReceive, ASGISend
 from .errors import GatewayError
 
-__all__ = ["BodyTooLarge", "ResponseTracker", "read_body", "receive_body", "send_error", "send_json"]
+__all__ = ["BodyTooLarge", "ResponseTracker", "read_body", "receive_body", "send_error", "send_json",
+           "serve_lifespan"]
 
 
 @attrs.define(slots=True, eq=False)
@@ -69,6 +71,21 @@ class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body is larger than the limit of {limit} bytes")
         self.limit = limit
+
+
+async def serve_lifespan(receive: ASGIReceive, send: ASGISend,
+                         on_shutdown: Callable[[], object] | None = None) -> None:
+    """The ASGI lifespan of an app with no startup work: acknowledge startup, then
+    shutdown (after ``on_shutdown``, when given)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            if on_shutdown is not None:
+                on_shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 async def receive_body(receive: ASGIReceive, limit: int, content_length: int | None = None) -> bytes | None:

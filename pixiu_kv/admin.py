@@ -25,7 +25,7 @@ from urllib.parse import parse_qs
 
 import trio
 
-from ._asgi import BodyTooLarge, receive_body
+from ._asgi import BodyTooLarge, receive_body, serve_lifespan
 from .chain import ASGIReceive, ASGISend
 from .errors import GatewayError
 from .logs import log_event
@@ -87,7 +87,7 @@ class AdminApp:
     async def __call__(self, scope: MutableMapping[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         kind = scope["type"]
         if kind == "lifespan":
-            await _lifespan(receive, send)
+            await serve_lifespan(receive, send)
             return
         if kind != "http":
             return  # websockets are not served here
@@ -207,12 +207,4 @@ async def _send(send: ASGISend, status: int, body: bytes,
     await send({"type": "http.response.body", "body": body})
 
 
-async def _lifespan(receive: ASGIReceive, send: ASGISend) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 

@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 import trio
 
+from pixiu_kv._asgi import serve_lifespan
 from pixiu_kv.sim._controller_api import ApiReply, EmulatorState, handle_request
 
 __all__ = ["ControllerAsgi", "FaultBox", "Faults"]
@@ -179,14 +180,7 @@ class ControllerAsgi:
         return not client_left
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                self.faults.release()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await serve_lifespan(receive, send, on_shutdown=self.faults.release)
 
 
 _WORKER_ROUTES = frozenset({"/pin", "/clear", "/compress", "/decompress", "/health", "/evict"})

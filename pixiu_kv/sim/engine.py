@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from .._asgi import BodyTooLarge, receive_body
+from .._asgi import BodyTooLarge, receive_body, serve_lifespan
 from ._http_server import CANCEL_ON_DISCONNECT, SEND_NOWAIT, SendNowait
 from .costmodel import PrefillPlan
 from .cpu_tier import CpuTier
@@ -150,13 +150,7 @@ class SimEngine:
         if kind == "http":
             await self._http(scope, receive, send)
         elif kind == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         methods = self._routes.get(scope["path"])

@@ -17,6 +17,7 @@ import httpx
 import psutil
 import trio
 
+from pixiu_kv._asgi import serve_lifespan
 from pixiu_kv.config import GatewayConfig, loads_config
 from pixiu_kv.context import RequestContext, RouteHint
 
@@ -65,13 +66,8 @@ class FakeEngine:
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Any]],
                        send: Callable[[Any], Awaitable[None]]) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         self.open_requests += 1

@@ -18,7 +18,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from pixiu_kv._asgi import receive_body
+from pixiu_kv._asgi import receive_body, serve_lifespan
 from pixiu_kv.config import KvCacheConfig, TokenCacheConfig
 
 _MAX_BODY = 64 * 1024 * 1024
@@ -59,13 +59,8 @@ class FakeUpstream:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await serve_lifespan(receive, send)
+            return
         path = scope["path"]
         body = await receive_body(receive, _MAX_BODY)
         if body is None:
