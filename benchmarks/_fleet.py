@@ -9,7 +9,6 @@ stdin closes (the benchmark process went away) or it is sent SIGTERM/SIGINT.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from functools import partial
 from typing import Any, cast
@@ -19,6 +18,7 @@ import hypercorn.trio
 import hypercorn.typing
 import trio
 
+from ._process import parent_gone
 from .oracle import OracleApp, OracleRouter
 
 
@@ -41,17 +41,6 @@ def _http11_only() -> None:
             await self.send(Closed())
 
     ProtocolWrapper.handle = handle  # type: ignore[method-assign]
-
-
-async def _stdin_closed() -> None:
-    # A thread blocks on the pipe; when the parent dies the read returns.
-    await trio.to_thread.run_sync(sys.stdin.buffer.read, abandon_on_cancel=True)
-
-
-async def _signalled() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            return
 
 
 async def _run(settings: dict[str, Any]) -> None:
@@ -83,13 +72,7 @@ async def _run(settings: dict[str, Any]) -> None:
                 "oracle_url": binds[0],
                 "model": config.model,
             }), flush=True)
-            async with trio.open_nursery() as waiters:
-                async def first(fn: Any) -> None:
-                    await fn()
-                    waiters.cancel_scope.cancel()
-
-                waiters.start_soon(first, _stdin_closed)
-                waiters.start_soon(first, _signalled)
+            await parent_gone()
             stop.set()
 
 

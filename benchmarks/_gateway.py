@@ -12,22 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
 from functools import partial
 from typing import Any
 
 import trio
 
-
-async def _stdin_closed() -> None:
-    await trio.to_thread.run_sync(sys.stdin.buffer.read, abandon_on_cancel=True)
-
-
-async def _signalled() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            return
+from ._process import parent_gone
 
 
 async def _run(data: dict[str, Any]) -> None:
@@ -40,13 +31,7 @@ async def _run(data: dict[str, Any]) -> None:
         running = await nursery.start(partial(serve, config, host="127.0.0.1", port=0,
                                               shutdown_trigger=stop.wait))
         print(json.dumps({"url": running.url}), flush=True)
-        async with trio.open_nursery() as waiters:
-            async def first(fn: Any) -> None:
-                await fn()
-                waiters.cancel_scope.cancel()
-
-            waiters.start_soon(first, _stdin_closed)
-            waiters.start_soon(first, _signalled)
+        await parent_gone()
         stop.set()
 
 

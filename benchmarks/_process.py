@@ -1,8 +1,10 @@
-"""Child processes of a benchmark (or a test): start one in a nursery, read its stdout lines."""
+"""Child processes of a benchmark (or a test): start one in a nursery, read its stdout lines;
+in the child, wait until the parent is gone."""
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,7 +14,28 @@ from typing import Any
 
 import trio
 
-__all__ = ["process_starter", "read_line", "sim_fleet_process", "stop_popen"]
+__all__ = ["parent_gone", "process_starter", "read_line", "sim_fleet_process", "stop_popen"]
+
+
+async def parent_gone() -> None:
+    """In a child process: return once its stdin closes (the parent went away) or it is sent
+    SIGTERM/SIGINT."""
+    async def stdin_closed() -> None:
+        # A thread blocks on the pipe; when the parent dies the read returns.
+        await trio.to_thread.run_sync(sys.stdin.buffer.read, abandon_on_cancel=True)
+
+    async def signalled() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                return
+
+    async with trio.open_nursery() as waiters:
+        async def first(wait: Callable[[], Awaitable[None]]) -> None:
+            await wait()
+            waiters.cancel_scope.cancel()
+
+        waiters.start_soon(first, stdin_closed)
+        waiters.start_soon(first, signalled)
 
 
 def process_starter(command: list[str], **kwargs: Any) -> Callable[..., Awaitable[None]]:
