@@ -209,6 +209,36 @@ async def test_an_app_that_returns_mid_body_cuts_the_connection() -> None:
             await http.get(url + "/")
 
 
+@pytest.mark.parametrize(("raw", "status"), [
+    (b"HELLO\r\n\r\n", 400),
+    (b"GET / HTTP/2.0\r\nhost: x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
+    (b"GET / HTTP/1.1\r\nhost : x\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: nope\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip\r\n\r\nxx", 501),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),  # an HTTP/2 preface, as some routers probe
+])
+async def test_a_malformed_request_gets_its_status_and_the_server_keeps_serving(
+        raw: bytes, status: int) -> None:
+    calls: list[str] = []
+
+    async def app(scope: Message, receive: Receive, send: Send) -> None:
+        calls.append(scope["path"])
+        await reply(send, b"fine")
+
+    async with served(app) as url:
+        client = RawClient(await connect(url))
+        async with client.stream:
+            await client.stream.send_all(raw)
+            response, body = await client.response()
+            assert response.status_code == status
+            assert header(response, b"connection") == b"close" and body.startswith(b'{"detail":')
+            assert await client.closed_by_server()
+        async with httpx.AsyncClient(timeout=10) as http:
+            assert (await http.get(url + "/ok")).text == "fine"
+    assert calls == ["/ok"]
+
+
 async def test_oversized_headers_get_431_and_the_server_keeps_serving() -> None:
     async def app(scope: Message, receive: Receive, send: Send) -> None:
         await reply(send, b"fine")
