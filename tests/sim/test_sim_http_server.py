@@ -14,7 +14,7 @@ import trio
 from sim_helpers import open_raw_stream, wait_until
 
 from pixiu_kv.sim import EngineConfig, SimEngine, open_fleet, serve_engine
-from pixiu_kv.sim._http_server import CANCEL_ON_DISCONNECT, AsgiApp, HttpServerConfig, serve_asgi
+from pixiu_kv.sim._http_server import _CAN_WATCH, CANCEL_ON_DISCONNECT, AsgiApp, HttpServerConfig, serve_asgi
 from pixiu_kv.sim.controller import ControllerEmulator
 
 Message = MutableMapping[str, Any]
@@ -459,6 +459,7 @@ async def test_engine_request_is_cancelled_when_its_client_goes_away() -> None:
     assert engine.scheduler.running == 0
 
 
+@pytest.mark.skipif(not _CAN_WATCH, reason="the server offers the extension only with epoll (Linux)")
 async def test_an_app_that_asks_is_cancelled_when_its_client_goes_away() -> None:
     cancelled: list[str] = []
     waiting = trio.Event()
