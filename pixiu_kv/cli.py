@@ -161,11 +161,16 @@ async def _embedded_or(config: GatewayConfig | None, host: str | None,
 
 def embedded_default(fleet: Fleet) -> GatewayConfig:
     """The configuration ``pixiu-kv serve`` uses without a file: the fleet behind the
-    kvcache filter (endpoint ids = LMCache instance ids), everything else at defaults."""
+    kvcache filter (endpoint ids = LMCache instance ids) with its router on and what an
+    operator knows of these engines (their tokenizer, their cache size), everything else
+    at defaults: a new user sees first-sight prefix routing at once."""
     endpoints = "\n".join(
         f'[[clusters.endpoints]]\nid = "{e.instance_id}"\naddress = "{e.url}"\n' for e in fleet.engines)
     lmcache = fleet.controller_url or ""
-    model = fleet.engines[0].engine.config.model if fleet.engines else ""
+    engine = fleet.engines[0].engine.config if fleet.engines else None
+    model = engine.model if engine is not None else ""
+    # LMCache writes every chunk through to the CPU tier: an engine keeps the larger tier.
+    cache_tokens = max(engine.gpu_kv_tokens, engine.cpu_tier_tokens) if engine is not None else 0
     text = f"""
 [[clusters]]
 name = "sim"
@@ -180,6 +185,12 @@ lmcache_endpoint = "{lmcache}"
 default_model = "{model}"
 [http_filters.config.token_cache]
 enabled = true
+[http_filters.config.routing]
+enabled = true
+engine_cache_tokens = {cache_tokens}
+[[http_filters.config.routing.tokenizers]]
+model = "{model}"
+path = "builtin:sim"
 
 [[http_filters]]
 name = "dgp.filter.llm.proxy"

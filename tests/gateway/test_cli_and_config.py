@@ -185,12 +185,20 @@ async def test_serve_without_config_runs_the_embedded_fleet_with_the_kvcache_fil
     try:
         async with httpx.AsyncClient(base_url=url, timeout=20.0) as http:
             models = (await http.get("/v1/models")).json()["data"]
-            body = {"model": models[0]["id"], "prompt": "the embedded default " * 20, "max_tokens": 2}
+            shared = "the embedded default " * 120
+            body = {"model": models[0]["id"], "prompt": shared + "first question", "max_tokens": 2}
             r = await http.post("/v1/completions", json=body)
             assert r.status_code == 200, r.text
             assert r.headers["x-pixiu-kv-endpoint"].startswith("engine-")
             # The kvcache filter ran and explained its decision.
             assert "reason=" in r.headers["x-pixiu-kv-route"]
+            # Its router is on: a new prompt sharing that prefix, seen for the first time,
+            # goes where the prefix is cached.
+            again = await http.post("/v1/completions", json=body | {"prompt": shared + "another one"})
+            assert again.status_code == 200, again.text
+            assert again.headers["x-pixiu-kv-endpoint"] == r.headers["x-pixiu-kv-endpoint"]
+            assert "reason=cache" in again.headers["x-pixiu-kv-route"]
+            assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     finally:
         assert await _stop(process) == 0
 
