@@ -104,6 +104,31 @@ def classify_route(value: str) -> str:
     return "routed"
 
 
+def route_outcomes(samples: Iterable[Sample]) -> dict[str, int]:
+    """How a router's expectation met the engine's report, per request: the ``matched``
+    tokens of pixiu-kv's route header against the ``cached_tokens`` the engine reported.
+
+    ``held``: a match was expected and the engine had at least half of it; ``short``: it
+    had less than half (the prefix was evicted, or the index was wrong); ``unexpected``:
+    nothing was expected and the engine had some; ``cold``: neither. Requests without a
+    ``matched`` field (other routers) are not counted.
+    """
+    out = {"held": 0, "short": 0, "unexpected": 0, "cold": 0}
+    for s in samples:
+        if not (s.ok and s.usage_seen and s.route):
+            continue
+        fields = dict(part.strip().partition("=")[::2] for part in s.route.lower().split(";"))
+        matched = fields.get("matched", "")
+        if not matched.isdigit():
+            continue
+        expected = int(matched)
+        if expected:
+            out["held" if s.cached_tokens * 2 >= expected else "short"] += 1
+        else:
+            out["unexpected" if s.cached_tokens else "cold"] += 1
+    return out
+
+
 def _r(value: float | None, digits: int = 6) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -172,6 +197,7 @@ def aggregate(samples: Sequence[Sample], *, engines: Sequence[str] = (),
         "routed": verdicts.get("routed", 0),
         "fallback": verdicts.get("fallback", 0),
         "route_values": dict(Counter(s.route for s in ok if s.route).most_common(10)),
+        "route_outcomes": route_outcomes(ok),
         "per_engine": per_engine,
         "unattributed": len(ok) - attributed,
     }

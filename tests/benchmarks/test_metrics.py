@@ -14,6 +14,7 @@ from benchmarks.metrics import (
     hit_ratio_timeline,
     merge_engine_stats,
     percentile,
+    route_outcomes,
 )
 
 
@@ -113,3 +114,24 @@ def test_hit_ratio_timeline_bins_by_completion_time() -> None:
     ]
     line = hit_ratio_timeline(samples, bins=2)
     assert [p["hit_ratio"] for p in line] == [0.0, 1.0]
+
+
+def test_route_outcomes_compare_the_expected_match_with_the_engine_report() -> None:
+    route = "reason={}; hinted=e; used=yes; matched={}; prompt=600; endpoint=e"
+    samples = [
+        _s(0, start=0.0, ttft=0.1, end=1.0, endpoint="e", prompt=600, cached=512,
+           route=route.format("cache", 512)),
+        _s(1, start=0.0, ttft=0.1, end=1.0, endpoint="e", prompt=600, cached=256,
+           route=route.format("cache", 512)),
+        _s(2, start=0.0, ttft=0.1, end=1.0, endpoint="e", prompt=600, cached=16,
+           route=route.format("cache", 512)),
+        _s(3, start=0.0, ttft=0.1, end=1.0, endpoint="e", prompt=600, cached=32,
+           route=route.format("load", 0)),
+        _s(4, start=0.0, ttft=0.1, end=1.0, endpoint="e", prompt=600, cached=0,
+           route=route.format("load", 0)),
+        _s(5, start=0.0, ttft=0.1, end=1.0, endpoint="e", prompt=600, cached=0, route="routed"),  # no matched
+        _s(6, start=0.0, ttft=0.1, end=1.0, endpoint="e", prompt=600, cached=0, ok=False,
+           route=route.format("cache", 512)),
+    ]
+    assert route_outcomes(samples) == {"held": 2, "short": 1, "unexpected": 1, "cold": 1}
+    assert aggregate(samples)["route_outcomes"] == {"held": 2, "short": 1, "unexpected": 1, "cold": 1}
