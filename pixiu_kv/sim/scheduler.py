@@ -16,7 +16,8 @@ import random
 import zlib
 from array import array
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import attrs
 import trio
@@ -29,8 +30,7 @@ from .metrics import EngineMetrics
 from .prefix_cache import BlockAllocation, PrefixCache, block_hashes
 from .tokenizer import VOCAB_SIZE
 
-__all__ = ["EngineOverloaded", "Generation", "Scheduler", "StepCallback", "StepDelivery", "output_ids",
-           "output_token"]
+__all__ = ["EngineOverloaded", "Generation", "Scheduler", "StepCallback", "StepDelivery"]
 
 StepCallback = Callable[[int, list[int], PrefillPlan], Awaitable[None]]
 """Called once per decode step with the step index, one new token id per choice, and the
@@ -234,6 +234,18 @@ class Scheduler:
                     follower.wake.set()
                     break
 
+    @contextmanager
+    def _in_batch(self) -> Iterator[None]:
+        """A request decoding in the lockstep batch; if the batch was idle, its first step
+        is one interval from now."""
+        if self._decoding == 0:
+            self._step_time = trio.current_time()
+        self._decoding += 1
+        try:
+            yield
+        finally:
+            self._decoding -= 1
+
     def _stop(self, follower: _Follower) -> None:
         follower.stopped = True
         self._followers.pop(follower, None)
@@ -288,31 +300,21 @@ class Scheduler:
     async def _decode_followed(self, base: int, n: int, max_tokens: int, outputs: list[list[int]],
                                plan: PrefillPlan, on_step: StepCallback, deliver: StepDelivery,
                                extra_delay: float) -> None:
-        if self._decoding == 0:
-            self._step_time = trio.current_time()
-        self._decoding += 1
-        try:
+        with self._in_batch():
             starts = [_output_start(base, c) for c in range(n)]
             follower = _Follower(starts, max_tokens, outputs, plan, deliver)
             while follower.next_step < max_tokens:
                 await self._follow(follower, extra_delay)
                 if follower.next_step < max_tokens:
                     await on_step(-1, [], plan)  # the flush of output the socket did not take
-        finally:
-            self._decoding -= 1
 
     async def _decode_parked(self, steps: int, plan: PrefillPlan, extra_delay: float) -> None:
         """Wait ``steps`` batch steps without a stream: parked until the step-timer holder
         reaches the last one (or holding the timer when no one else does)."""
-        if self._decoding == 0:
-            self._step_time = trio.current_time()
-        self._decoding += 1
-        try:
+        with self._in_batch():
             follower = _Follower([], steps + 1, [], plan, _unused_delivery,
                                  finish_step=self._step + steps)
             await self._follow(follower, extra_delay)
-        finally:
-            self._decoding -= 1
 
     def _plan(self, prompt_ids: Sequence[int], allocation: BlockAllocation,
               keys: list[int]) -> PrefillPlan:
@@ -336,11 +338,7 @@ class Scheduler:
 
     async def _decode_lockstep(self, base: int, n: int, max_tokens: int, outputs: list[list[int]],
                                plan: PrefillPlan, on_step: StepCallback, extra_delay: float) -> None:
-        if self._decoding == 0:
-            # The batch was idle: the first step is one interval from now.
-            self._step_time = trio.current_time()
-        self._decoding += 1
-        try:
+        with self._in_batch():
             seen = self._step
             for step in range(1, max_tokens):
                 seen = await self._wait_step(seen, extra_delay)
@@ -348,8 +346,6 @@ class Scheduler:
                 for out, token in zip(outputs, ids, strict=True):
                     out.append(token)
                 await on_step(step, ids, plan)
-        finally:
-            self._decoding -= 1
 
     async def _decode_own_timer(self, base: int, n: int, max_tokens: int, outputs: list[list[int]],
                                 plan: PrefillPlan, on_step: StepCallback, extra_delay: float) -> None:
