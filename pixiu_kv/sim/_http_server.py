@@ -413,7 +413,8 @@ class _Connection:
         """Block until the peer closes or the response is complete."""
         if self.complete or self.peer_gone:
             return {"type": "http.disconnect"}
-        # Only send() and hang_up() cancel this scope: the response is complete or the peer is gone.
+        # Only send() and a failed write cancel this scope: the response is complete or the
+        # peer is gone (a client that leaves a watched app cancels the whole connection).
         with trio.CancelScope() as self.waiter:
             try:
                 # Bytes of a pipelined next request are kept (bounded) for the next cycle.
@@ -454,11 +455,8 @@ class _Connection:
             if self.unsent:
                 out.append(self.unsent)
                 self.unsent = b""
-            if self.held_head is not None:
-                if not more_body and self.left is None:
-                    self.left = len(body)
-                    self.held_head[1].append((b"content-length", str(len(body)).encode()))
-                out.append(self._head_bytes(streamed=self.left is None))
+            if self.held_head is not None:  # held only when a length was declared
+                out.append(self._head_bytes(streamed=False))
             if body and not self.no_body:
                 if self.chunked:
                     out += (b"%x\r\n" % len(body), body, b"\r\n")
