@@ -138,9 +138,9 @@ def _kvcache_has_routing() -> bool:
 def routing_settings(model: str, engine: dict[str, Any]) -> dict[str, Any]:
     """The ``routing`` table of the kvcache filter for the ``pixiu-kv`` target.
 
-    The router on, every capability at its recommended default but the duplicate penalty
-    (measured below), and the facts an operator knows about their engines: the model's
-    tokenizer (the simulator's), each engine's cache size (the larger of its GPU cache and
+    The router on, every capability at its recommended default, and the facts an operator
+    knows about their engines: the model's tokenizer (the simulator's), each engine's cache
+    size (the larger of its GPU cache and
     its LMCache tier: LMCache writes every chunk through to the CPU tier, so the two hold
     mostly the same prefixes and their sum would overstate what an engine keeps), the
     tier's load bandwidth, and the cost priors at the fleet's speed (the
@@ -155,13 +155,9 @@ def routing_settings(model: str, engine: dict[str, Any]) -> dict[str, Any]:
         # Cached tokens mostly come from the LMCache CPU tier (the GPU holds little beyond
         # the running requests): loading them runs at the tier's bandwidth.
         "cached_tokens_per_second": CPU_LOAD_TOKENS_PER_S * speed,
-        # Measured on this fleet (LMCache lookups on every request): keeping a prefix on its
-        # holder until its queue is twice the recomputation costs TTFT without raising the
-        # hit ratio; the default (1.0) is what the idealised fleet simulation favours.
-        "duplicate_cost_factor": 0.0,
         "base_latency": f"{20.0 / speed:.3f}ms",
-        # The overload guard's queue limit is a time too: the default 2 s, at the fleet's speed.
-        "overload_queue_time": f"{2.0 / speed:.3f}s",
+        # The overload guard's queue limit is a time too: the default 5 s, at the fleet's speed.
+        "overload_queue_time": f"{5.0 / speed:.3f}s",
         "running_request_cost": f"{2.0 / speed:.3f}ms",
         "tokenizers": [{"model": model, "path": "builtin:sim"}],
     }

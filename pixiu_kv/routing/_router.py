@@ -395,6 +395,21 @@ class Router:
                       for r in (ranks[row_of[e]] for e in replicas) if r[0] <= limit]
             best = min(spread)[1]
         winner = rows[best[3]]
+        bound = cfg.affinity_load_factor
+        if bound and best_eligible_real and not replicas and winner[_REAL] < best_eligible_real:
+            # Bounded-load affinity: the cheapest endpoint holding the deepest match keeps the
+            # request while its in-flight count is within ``bound`` x the mean (+1). The
+            # predicted TTFT sees a copy's prefill, not what the copy then holds: on a
+            # KV-bound engine the prefix's blocks stay allocated for the whole decode, and
+            # requests that share them on one engine run more at once. Spilling on small
+            # cost differences spreads a prefix's requests over every engine, each paying
+            # those blocks again (measured: `benchmarks.virtual_fleet`, docs/routing.md).
+            limit = bound * sum([row[_LOAD] for row in rows]) / len(rows) + 1.0
+            for r in order:
+                row = rows[r[3]]
+                if row[_REAL] >= best_eligible_real and row[_LOAD] <= limit:
+                    winner = row
+                    break
         if best_eligible_real == 0 and not replicas and session_key and cfg.session_affinity:
             loads_by_id = {row[_VIEW].id: row[_LOAD] for row in rows if not row[_OVERLOADED]}
             picked = self._ring.pick(session_key, [(v.id, v.weight) for v in endpoints], loads_by_id,

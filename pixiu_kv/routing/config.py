@@ -38,6 +38,11 @@ def _at_least_one(_: object, attribute: attrs.Attribute[Any], value: float) -> N
         raise FieldError(attribute.name, value, "must be >= 1 (1 = perfectly even, no affinity slack)")
 
 
+def _load_bound(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value != 0 and not value >= 1.0:
+        raise FieldError(attribute.name, value, "must be 0 (off) or >= 1 (1 = no more than the mean load)")
+
+
 def _block_size(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
     # Engines cache whole blocks of a power-of-two size (vLLM: 16, LMCache chunks: 256); a
     # boundary that is not a multiple of the engine's block can never match its cache.
@@ -74,6 +79,10 @@ class RoutingConfig:
     * ``cost_model``: one predicted time-to-first-token per endpoint (queued prefill +
       uncached prefill + cached load + running requests), learned online per endpoint from
       the priors below. Off: the least-loaded eligible endpoint among the best cache matches.
+    * ``affinity_load_factor``: the endpoint holding the deepest match keeps the request
+      while its in-flight count is within this factor of the eligible endpoints' mean (+1),
+      whatever the cost says (a copy's cost is more than its prefill when KV capacity binds:
+      its blocks stay allocated through the decode); 0 leaves it to the cost.
     * ``overload_*``: an endpoint at ``overload_in_flight_ratio`` of its ``max_in_flight`` or
       with more than ``overload_queue_time`` of predicted queued prefill beyond the least
       queued eligible endpoint gets no cache credit (relative: a uniformly saturated fleet
@@ -105,9 +114,13 @@ class RoutingConfig:
     # Ranking penalty, in units of the endpoint's own prefill time, for computing again the
     # tokens another eligible endpoint holds: a copy costs the fleet cache space.
     duplicate_cost_factor: float = attrs.field(default=1.0, validator=_non_negative)
+    # Bounded-load affinity: the endpoint holding the deepest match keeps the request while
+    # its in-flight count is at most this x the mean of the eligible endpoints (+1), even
+    # when another looks faster by the cost alone. 0: the cost alone decides.
+    affinity_load_factor: float = attrs.field(default=1.25, validator=_load_bound)
 
     overload_in_flight_ratio: float = attrs.field(default=0.85, validator=_ratio)
-    overload_queue_time: float = attrs.field(default=2.0, validator=_positive, metadata=_DURATION)
+    overload_queue_time: float = attrs.field(default=5.0, validator=_positive, metadata=_DURATION)
 
     hot_spread: bool = True
     hot_threshold: float = attrs.field(default=1.0, validator=_positive)
@@ -163,6 +176,7 @@ def read_routing_config(t: Table) -> RoutingConfig:
         running_request_cost=t.duration("running_request_cost", d.running_request_cost),
         learning_rate=t.number("learning_rate", d.learning_rate),
         duplicate_cost_factor=t.number("duplicate_cost_factor", d.duplicate_cost_factor, minimum=0),
+        affinity_load_factor=t.number("affinity_load_factor", d.affinity_load_factor, minimum=0),
         overload_in_flight_ratio=t.number("overload_in_flight_ratio", d.overload_in_flight_ratio),
         overload_queue_time=t.duration("overload_queue_time", d.overload_queue_time, positive=True),
         hot_spread=t.flag("hot_spread", d.hot_spread),

@@ -70,7 +70,7 @@ def test_gateway_configs_are_valid_gateway_configurations(target: str) -> None:
             if target == "pixiu-kv":
                 assert routing_config.engine_cache_tokens == 4096
                 assert routing_config.prefill_tokens_per_second == 5000.0
-                assert routing_config.overload_queue_time == 4.0  # 2 s at half speed
+                assert routing_config.overload_queue_time == 10.0  # 5 s at half speed
                 assert [t.path for t in routing_config.tokenizers] == ["builtin:sim"]
     else:
         assert kv is None or not kv.enabled

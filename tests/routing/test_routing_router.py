@@ -33,7 +33,7 @@ def _serve(router: Router, d: Decision, ttft: float = 0.05) -> None:
     ("holder near its in-flight cap gets no cache credit", {"in_flight": 58}, 0, False, "load"),
     ("full holder is not eligible", {"in_flight": 64}, 0, False, "load"),
     ("unhealthy holder is not eligible", {"healthy": False}, 0, False, "load"),
-    ("holder with a long prefill queue gets no cache credit", {}, 9, False, "load"),
+    ("holder with a long prefill queue gets no cache credit", {}, 12, False, "load"),
 ])
 def test_overload_beats_affinity(case: str, e0: dict[str, object], queued_before: int,
                                  winner_is_holder: bool, reason: str) -> None:
@@ -42,7 +42,7 @@ def test_overload_beats_affinity(case: str, e0: dict[str, object], queued_before
     assert router.index is not None
     router.index.record("e0", prompt)
     fleet = _fleet()
-    # Queue work on e0 only (its own distinct prompts, in one instant): 9 x 0.5 s > 2 s guard.
+    # Queue work on e0 only (its own distinct prompts, in one instant): 12 x 0.5 s > 5 s guard.
     for i in range(queued_before):
         router.decide([fleet[0]], _prompt(100 + i, 4000), None, None, now=1.0)
     fleet[0] = attrs.evolve(fleet[0], **e0)  # type: ignore[arg-type]
@@ -54,9 +54,9 @@ def test_overload_beats_affinity(case: str, e0: dict[str, object], queued_before
 
 
 def test_a_saturated_fleet_keeps_cache_affinity() -> None:
-    # Every engine has ~4.5 s queued (past the 2 s guard): none is faster than another, so
+    # Every engine has ~4.5 s queued (past a 2 s guard): none is faster than another, so
     # computing the prefix again elsewhere would only add work; the holder keeps its credit.
-    router = Router(RoutingConfig(hot_spread=False, session_affinity=False))
+    router = Router(RoutingConfig(hot_spread=False, session_affinity=False, overload_queue_time=2.0))
     prompt = _prompt(1, 3000)
     assert router.index is not None
     router.index.record("e2", prompt)
@@ -92,6 +92,35 @@ def test_cache_and_queue_are_traded_in_one_cost(holder_queue_requests: int, dupl
     assert d.reason == ("cache" if expect_holder else "load")
     assert d.predicted_ttft is not None
     assert d.predicted_ttft == next(c.predicted_ttft for c in d.costs if c.endpoint_id == d.endpoint_id)
+
+
+@pytest.mark.parametrize(("case", "holder_load", "factor", "expect_holder"), [
+    # 4 endpoints, the others at 8 in flight each; the holder has 3 s of queued prefill, the
+    # others none: by the predicted TTFT alone, computing the prefix again elsewhere is faster.
+    ("cost alone: the faster non-holder wins", 8, 0.0, False),
+    ("bounded: the holder keeps it at the mean load", 8, 1.25, True),
+    ("bounded: ... and up to 1.25 x the mean + 1", 11, 1.25, True),
+    ("bounded: past the bound the cost decides again", 13, 1.25, False),
+    ("a looser bound keeps it longer", 13, 2.0, True),
+])
+def test_bounded_load_affinity_keeps_a_prefix_on_its_holder(case: str, holder_load: int, factor: float,
+                                                            expect_holder: bool) -> None:
+    router = Router(RoutingConfig(hot_spread=False, session_affinity=False, duplicate_cost_factor=0.0,
+                                  affinity_load_factor=factor))
+    prefix = _prompt(1, 8000)  # 1 s of prefill at the prior 8000 tokens/s
+    assert router.index is not None
+    router.index.record("e0", prefix)
+    holder = EndpointView("e0", in_flight=holder_load, max_in_flight=64)
+    for i in range(6):  # 6 x 0.5 s queued on the holder, within the 5 s overload guard
+        d = router.decide([holder], _prompt(100 + i, 4000), None, None, now=1.0)
+        assert d.endpoint_id == "e0"
+    fleet = [holder] + [EndpointView(f"e{i}", in_flight=8, max_in_flight=64) for i in (1, 2, 3)]
+    d = router.decide(fleet, prefix + _prompt(2, 100), None, None, now=1.0)
+    assert (d.endpoint_id == "e0") is expect_holder, case
+    assert d.reason == ("cache" if expect_holder else "load"), case
+    assert d.matched_tokens == (7936 if expect_holder else 0), case  # whole 256-token blocks
+    # The explanation shows a cheaper endpoint than the winner when the bound decided.
+    assert (d.costs[0].endpoint_id != "e0") is True, case
 
 
 def test_a_burst_sees_its_own_reservations_and_never_overruns_an_endpoint() -> None:
