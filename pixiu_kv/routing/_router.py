@@ -404,10 +404,11 @@ class Router:
             # requests that share them on one engine run more at once. Spilling on small
             # cost differences spreads a prefix's requests over every engine, each paying
             # those blocks again (measured: `benchmarks.virtual_fleet`, docs/routing.md).
-            limit = bound * sum([row[_LOAD] for row in rows]) / len(rows) + 1.0
+            # Per unit of weight: an endpoint of weight 2 is two endpoints' worth of hardware.
+            per_weight = bound * sum([row[_LOAD] for row in rows]) / sum([row[_VIEW].weight for row in rows])
             for r in order:
                 row = rows[r[3]]
-                if row[_REAL] >= best_eligible_real and row[_LOAD] <= limit:
+                if row[_REAL] >= best_eligible_real and row[_LOAD] <= per_weight * row[_VIEW].weight + 1.0:
                     winner = row
                     break
         if best_eligible_real == 0 and not replicas and session_key and cfg.session_affinity:

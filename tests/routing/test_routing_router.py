@@ -123,6 +123,23 @@ def test_bounded_load_affinity_keeps_a_prefix_on_its_holder(case: str, holder_lo
     assert (d.costs[0].endpoint_id != "e0") is True, case
 
 
+def test_bounded_load_affinity_allows_a_heavier_endpoint_more_load() -> None:
+    # Weight 2 = twice the hardware: its bound is twice the mean load per unit of weight.
+    prefix = _prompt(1, 8000)
+    for weight, load, expect_holder in [(1, 14, False), (2, 14, True)]:
+        router = Router(RoutingConfig(hot_spread=False, session_affinity=False, duplicate_cost_factor=0.0))
+        assert router.index is not None
+        router.index.record("e0", prefix)
+        holder = EndpointView("e0", in_flight=load, max_in_flight=64, weight=weight)
+        others = [EndpointView(f"e{i}", in_flight=8, max_in_flight=64) for i in (1, 2, 3)]
+        for i in range(6):  # queued prefill on the holder: by cost alone, another is faster
+            router.decide([holder], _prompt(100 + i, 4000), None, None, now=1.0)
+        # 1.25 x (14 + 24) / (weight + 3) per unit of weight, + 1: 12.9 (weight 1), 20 (weight 2)
+        d = router.decide([holder, *others], prefix + _prompt(2, 100), None, None, now=1.0)
+        assert (d.endpoint_id == "e0") is expect_holder, weight
+        assert d.costs[0].endpoint_id != "e0"  # the cost alone would not have chosen it
+
+
 def test_a_burst_sees_its_own_reservations_and_never_overruns_an_endpoint() -> None:
     router = Router(RoutingConfig(hot_spread=False))
     fleet = _fleet(4, max_in_flight=8)
