@@ -151,6 +151,7 @@ def routing_settings(model: str, engine: dict[str, Any]) -> dict[str, Any]:
         "enabled": True,
         "engine_cache_tokens": max(int(engine.get("gpu_kv_tokens", 0)),
                                    int(engine.get("cpu_tier_tokens", 0))),
+        "engine_kv_tokens": int(engine.get("gpu_kv_tokens", 0)),
         "prefill_tokens_per_second": PREFILL_TOKENS_PER_S * speed,
         # Cached tokens mostly come from the LMCache CPU tier (the GPU holds little beyond
         # the running requests): loading them runs at the tier's bandwidth.

@@ -115,7 +115,7 @@ class _Policy(Protocol):
 
     def first_token(self, handle: object, ttft: float) -> None: ...
 
-    def done(self, handle: object, cached: int, prompt: int, now: float) -> None: ...
+    def done(self, handle: object, cached: int, prompt: int, output: int, now: float) -> None: ...
 
 
 class _RoundRobin:
@@ -131,7 +131,7 @@ class _RoundRobin:
     def first_token(self, handle: object, ttft: float) -> None:
         pass
 
-    def done(self, handle: object, cached: int, prompt: int, now: float) -> None:
+    def done(self, handle: object, cached: int, prompt: int, output: int, now: float) -> None:
         pass
 
 
@@ -175,9 +175,9 @@ class _PixiuKv:
         assert isinstance(handle, Decision)
         self.router.on_first_byte(handle, ttft)
 
-    def done(self, handle: object, cached: int, prompt: int, now: float) -> None:
+    def done(self, handle: object, cached: int, prompt: int, output: int, now: float) -> None:
         assert isinstance(handle, Decision)
-        self.router.on_complete(handle, cached, prompt, now)
+        self.router.on_complete(handle, cached, prompt, now, output)
 
 
 class _Oracle:
@@ -191,7 +191,7 @@ class _Oracle:
     def first_token(self, handle: object, ttft: float) -> None:
         pass
 
-    def done(self, handle: object, cached: int, prompt: int, now: float) -> None:
+    def done(self, handle: object, cached: int, prompt: int, output: int, now: float) -> None:
         assert isinstance(handle, Ticket)
         self._oracle.done(handle)
 
@@ -240,7 +240,7 @@ class _SglangCacheAware:
     def first_token(self, handle: object, ttft: float) -> None:
         pass
 
-    def done(self, handle: object, cached: int, prompt: int, now: float) -> None:
+    def done(self, handle: object, cached: int, prompt: int, output: int, now: float) -> None:
         pass
 
 
@@ -281,7 +281,7 @@ async def _one(fleet: _Fleet, policy: _Policy, body: dict[str, Any], record: _Re
         fleet.in_flight[index] -= 1
     now = trio.current_time()
     cached = gen.plan.cached_tokens
-    policy.done(handle, cached, len(tokens), now)
+    policy.done(handle, cached, len(tokens), len(gen.outputs[0]), now)
     record.ttft.append(first[0] if first else gen.ttft_s)
     record.prompt += len(tokens)
     record.cached += cached

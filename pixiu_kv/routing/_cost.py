@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["PredictionLag", "PrefillLearner", "PrefillQueue", "queued_seconds"]
+__all__ = ["KvOccupancy", "PredictionLag", "PrefillLearner", "PrefillQueue", "queued_seconds"]
 
 # The prior stays in the fit as this many pseudo-observations (two points on the prior
 # line), so a slope that the data cannot identify (all prompts the same size) falls back to it.
@@ -129,6 +129,75 @@ class PrefillQueue:
 
     def ended(self) -> None:
         self.outstanding = max(0, self.outstanding - 1)
+
+
+class KvOccupancy:
+    """The GPU KV cache an endpoint's routed requests hold, and the admission wait it predicts.
+
+    vLLM admits a waiting request only when its blocks fit in the GPU KV cache: its private
+    blocks (the prompt tokens it did not find cached, and its output) and the cached blocks it
+    revives (a cached prefix no running request references sits among the free blocks until
+    one does). Both stay allocated until the requests using them end. ``used`` sums the
+    private tokens of the requests routed here and not yet ended, and each prefix they share
+    once (referenced by its deepest matched block key). A request that does not fit waits for
+    enough of them to end; each holds its tokens for about ``lifetime`` seconds (learned from
+    the requests that ended here), so tokens free up at ``used / lifetime`` per second and the
+    wait is ``lifetime x overflow / used`` (at most one lifetime: by then every current
+    request has ended).
+    """
+
+    __slots__ = ("_shared", "_weight", "lifetime", "used")
+
+    def __init__(self, weight: float = 0.1) -> None:
+        self._weight = weight
+        self.used = 0.0
+        self.lifetime = 0.0  # 0: no request ended here yet, no wait predicted
+        # prefix key -> [requests referencing it, its tokens]; at most one per routed request
+        self._shared: dict[int, list[float]] = {}
+
+    def needed(self, private: float, prefix: int | None, prefix_tokens: float) -> float:
+        """Tokens a request would add here: its private ones, and its matched prefix unless
+        a routed request already references it."""
+        if prefix is None or prefix in self._shared:
+            return private
+        return private + prefix_tokens
+
+    def wait(self, tokens: float, capacity: float) -> float:
+        used = self.used
+        over = used + tokens - capacity
+        if over <= 0.0 or used <= 0.0:
+            return 0.0
+        return self.lifetime * (over / used if over < used else 1.0)
+
+    def hold(self, private: float, prefix: int | None, prefix_tokens: float) -> None:
+        self.used += private
+        if prefix is not None:
+            entry = self._shared.get(prefix)
+            if entry is None:
+                self._shared[prefix] = [1.0, prefix_tokens]
+                self.used += prefix_tokens
+            else:
+                entry[0] += 1.0
+
+    def release(self, private: float, prefix: int | None) -> None:
+        self.used -= private
+        if prefix is not None:
+            entry = self._shared.get(prefix)
+            if entry is not None:
+                entry[0] -= 1.0
+                if entry[0] <= 0.0:
+                    del self._shared[prefix]
+                    self.used -= entry[1]
+        if self.used < 1e-6:
+            self.used = 0.0
+
+    def observe_lifetime(self, seconds: float) -> None:
+        if not (math.isfinite(seconds) and seconds >= 0.0):
+            return
+        if self.lifetime == 0.0:
+            self.lifetime = seconds
+        else:
+            self.lifetime += self._weight * (seconds - self.lifetime)
 
 
 class PredictionLag:

@@ -24,7 +24,7 @@ from typing import Final
 import attrs
 
 from ._blocks import BlockSchedule, PrefixKeys
-from ._cost import PredictionLag, PrefillLearner, PrefillQueue, queued_seconds
+from ._cost import KvOccupancy, PredictionLag, PrefillLearner, PrefillQueue, queued_seconds
 from ._hot import HotPlacement, HotPrefixes
 from ._prefix_index import PrefixIndex
 from ._session import SessionRing, stable_hash
@@ -43,6 +43,8 @@ _HOT_BUSY = 0.25
 # for its engines to fall behind: one engine taking it would carry twice its share of the
 # fleet's requests however fast it keeps up.
 _HOT_WIDE = 2.0
+# Weight of each report in the moving average of output tokens per request.
+_OUTPUT_WEIGHT = 0.05
 
 
 @attrs.frozen(slots=True)
@@ -66,12 +68,13 @@ class RouterStats:
 
 
 class _EndpointState:
-    __slots__ = ("lag", "learner", "queue", "recent", "recent_since")
+    __slots__ = ("kv", "lag", "learner", "queue", "recent", "recent_since")
 
     def __init__(self, learner: PrefillLearner) -> None:
         self.learner = learner
         self.queue = PrefillQueue()
         self.lag = PredictionLag()
+        self.kv = KvOccupancy()
         # Requests routed here lately (decayed over the hot window): among a hot prefix's
         # replicas of about equal cost and equal load, the one that got fewer wins, so they
         # share its traffic evenly instead of by a hash's chance.
@@ -104,6 +107,9 @@ class _Pending:
         "created",
         "endpoint_id",
         "keys",
+        "kv_prefix",
+        "kv_tokens",
+        "kv_wait",
         "lag",
         "load",
         "matched",
@@ -131,6 +137,10 @@ class _Pending:
         self.prefilled = False
         # The endpoint's lag when it was chosen (part of the predicted TTFT).
         self.lag = lag
+        # KV tokens this request holds there until it ends, and the admission wait predicted.
+        self.kv_tokens = 0.0
+        self.kv_prefix: int | None = None
+        self.kv_wait = 0.0
 
 
 class Router:
@@ -158,6 +168,9 @@ class Router:
         self._decisions: Counter[str] = Counter()
         self._corrections = 0
         self._cached_cost = 1.0 / cfg.cached_tokens_per_second
+        # Output tokens per request (a moving average of the engines' reports): part of what
+        # a request holds in the KV cache until it ends.
+        self._mean_output = 0.0
 
     @property
     def config(self) -> RoutingConfig:
@@ -254,6 +267,8 @@ class Router:
         top = best_real if cost_model and duplicate else 0
         ranks: list[tuple[float, int, int, int]] = []
         append_rank = ranks.append
+        kv_capacity = cfg.engine_kv_tokens
+        private = prompt_tokens + self._mean_output  # what a request holds, before its match
         n = 0  # rows so far
         # The hot loop of a decision (once per endpoint): locals only, and the queue and lag
         # are asked only when they hold something.
@@ -282,6 +297,10 @@ class Router:
             learner = state.learner
             ttft = (queued + running * load + learner.base + learner.per_token * (prompt_tokens - real)
                     + per_cached * real)
+            if kv_capacity and state.kv.used:
+                kv = state.kv
+                prefix = keys.keys[keys.block_at(real)] if real and keys is not None and keys.keys else None
+                ttft += kv.wait(kv.needed(private - real, prefix, real), kv_capacity * view.weight)
             if not cost_model:
                 append_rank((-real, load, id_hashes[endpoint_id] ^ salt, n))
             elif real < top:
@@ -439,13 +458,23 @@ class Router:
         # where it pushes traffic away from whichever engines are busy (the holders).
         backlog = state.queue.backlog(now)
         state.queue.add(work, now)
+        kv_tokens = private - real_matched
+        kv_prefix = (keys.keys[keys.block_at(real_matched)]
+                     if real_matched and keys is not None and keys.keys else None)
+        kv = state.kv
+        kv_wait = (kv.wait(kv.needed(kv_tokens, kv_prefix, real_matched), kv_capacity * view.weight)
+                   if kv_capacity else 0.0)
+        kv.hold(kv_tokens, kv_prefix, real_matched)
         state.recent = state.recent_count(now, window) + 1.0
         receipt = (self._index.record(view.id, keys)
                    if self._index is not None and keys is not None else None)
         handle = next(self._handles)
-        self._pending[handle] = _Pending(view.id, work, backlog, winner[_LOAD], real_matched,
-                                         prompt_tokens, keys, receipt, now,
-                                         max(0.0, winner[_QUEUED] - backlog))
+        pending = _Pending(view.id, work, backlog, winner[_LOAD], real_matched, prompt_tokens, keys,
+                           receipt, now, max(0.0, winner[_QUEUED] - backlog))
+        pending.kv_tokens = kv_tokens
+        pending.kv_prefix = kv_prefix
+        pending.kv_wait = kv_wait
+        self._pending[handle] = pending
         if len(self._pending) > cfg.max_pending:
             self._drop(next(iter(self._pending)))
         self._decisions[reason] += 1
@@ -492,21 +521,26 @@ class Router:
                 state.lag.observe(pending.ttft - (decision.predicted_ttft - pending.lag), at)
 
     def on_complete(self, decision: Decision, cached_tokens: int | None, prompt_tokens: int | None,
-                    now: float | None = None) -> None:
-        """The request ended well; ``cached_tokens`` and ``prompt_tokens`` from the engine's
-        ``usage`` (``prompt_tokens_details.cached_tokens``), None when it did not report them."""
+                    now: float | None = None, completion_tokens: int | None = None) -> None:
+        """The request ended well; ``cached_tokens``, ``prompt_tokens`` and ``completion_tokens``
+        from the engine's ``usage`` (``prompt_tokens_details.cached_tokens``), None when it
+        did not report them."""
         pending = self._pending.pop(decision.reservation, None)
         if pending is None:
             return
         now = self._clock if now is None else now
         state = self._release(pending, now)
+        if completion_tokens is not None and completion_tokens >= 0:
+            self._mean_output += _OUTPUT_WEIGHT * (completion_tokens - self._mean_output)
+        if state is not None:
+            state.kv.observe_lifetime(now - pending.created)
         total = prompt_tokens if prompt_tokens is not None and prompt_tokens > 0 else pending.prompt_tokens
         cached = (min(max(cached_tokens, 0), total) if cached_tokens is not None
                   else min(pending.matched, total))
         if state is not None and pending.ttft is not None:
             cfg = self._cfg
             prefill_seconds = (pending.ttft - pending.queued - cfg.running_request_cost * pending.load
-                               - self._cached_cost * cached)
+                               - self._cached_cost * cached - pending.kv_wait)
             state.learner.learn(total - cached, prefill_seconds)
         if cached_tokens is not None and self._index is not None and pending.keys is not None:
             if self._index.observe(pending.endpoint_id, pending.keys, cached_tokens,
@@ -533,6 +567,7 @@ class Router:
                 pending.prefilled = True
                 state.queue.prefilled(pending.work, now)
             state.queue.ended()
+            state.kv.release(pending.kv_tokens, pending.kv_prefix)
         return state
 
     def _drop(self, handle: int) -> None:

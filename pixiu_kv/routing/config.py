@@ -104,6 +104,9 @@ class RoutingConfig:
     # Tokens an engine's cache holds (GPU and its LMCache tier together); 0: learned from the
     # engines' cached-token reports, unbounded until the first report shows an eviction.
     engine_cache_tokens: int = attrs.field(default=0, validator=_non_negative)
+    # An engine's GPU KV cache in tokens (vLLM: "# GPU blocks" x block size), into which it
+    # admits running requests; 0: admission waits are not modelled.
+    engine_kv_tokens: int = attrs.field(default=0, validator=_non_negative)
 
     cost_model: bool = True
     prefill_tokens_per_second: float = attrs.field(default=8000.0, validator=_positive)
@@ -169,6 +172,7 @@ def read_routing_config(t: Table) -> RoutingConfig:
         block_size=t.integer("block_size", d.block_size, minimum=1),
         max_block_size=t.integer("max_block_size", d.max_block_size, minimum=1),
         engine_cache_tokens=t.integer("engine_cache_tokens", d.engine_cache_tokens, minimum=0),
+        engine_kv_tokens=t.integer("engine_kv_tokens", d.engine_kv_tokens, minimum=0),
         cost_model=t.flag("cost_model", d.cost_model),
         prefill_tokens_per_second=t.number("prefill_tokens_per_second", d.prefill_tokens_per_second),
         cached_tokens_per_second=t.number("cached_tokens_per_second", d.cached_tokens_per_second),

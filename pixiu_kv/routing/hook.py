@@ -109,7 +109,8 @@ class RoutingHook:
         if endpoint_id == d.endpoint_id:
             usage = self._scanner.result()
             self._router.on_complete(d, usage.cached_tokens if usage else None,
-                                     usage.prompt_tokens if usage else None, now)
+                                     usage.prompt_tokens if usage else None, now,
+                                     usage.completion_tokens if usage else None)
         else:
             self._router.on_failure(d, now)  # served elsewhere after a failover
         if self._scope is not None:

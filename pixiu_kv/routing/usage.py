@@ -25,6 +25,7 @@ _MAX_TRIES = 8
 class Usage:
     prompt_tokens: int | None
     cached_tokens: int | None
+    completion_tokens: int | None = None
 
 
 class UsageScanner:
@@ -60,7 +61,8 @@ class UsageScanner:
                 continue
             if isinstance(usage, dict):
                 return Usage(prompt_tokens=_count(usage.get("prompt_tokens")),
-                             cached_tokens=_cached(usage.get("prompt_tokens_details")))
+                             cached_tokens=_cached(usage.get("prompt_tokens_details")),
+                             completion_tokens=_count(usage.get("completion_tokens")))
         return None
 
 

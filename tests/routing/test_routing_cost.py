@@ -7,7 +7,7 @@ import random
 import pytest
 
 from pixiu_kv.routing import PredictionLag, PrefillLearner, PrefillQueue
-from pixiu_kv.routing._cost import queued_seconds
+from pixiu_kv.routing._cost import KvOccupancy, queued_seconds
 
 
 @pytest.mark.parametrize(("true_per_token", "true_base"), [
@@ -94,3 +94,34 @@ def test_queued_seconds_is_the_backlog_plus_the_lag_to_the_last_bit() -> None:
             expected += lag2.value(now)
         assert queued_seconds(q1, lag1, now) == expected
         assert (q1.backlog(now), q1.pending, lag1.level) == (q2.backlog(now), q2.pending, lag2.level)
+
+
+def test_kv_occupancy_counts_private_tokens_and_each_shared_prefix_once() -> None:
+    kv = KvOccupancy()
+    assert kv.needed(300, 11, 2048) == 2348  # the prefix is revived from the free blocks
+    kv.hold(300, 11, 2048)
+    assert kv.used == 2348
+    assert kv.needed(300, 11, 2048) == 300  # a routed request already holds it
+    kv.hold(300, 11, 2048)
+    kv.hold(500, None, 0)
+    assert kv.used == 2048 + 300 + 300 + 500
+    kv.release(300, 11)
+    assert kv.used == 2048 + 300 + 500  # still referenced once
+    kv.release(300, 11)
+    kv.release(500, None)
+    assert kv.used == 0.0
+    assert kv.needed(300, 11, 2048) == 2348
+
+
+def test_kv_wait_is_a_share_of_a_lifetime_once_the_cache_is_full() -> None:
+    kv = KvOccupancy(weight=0.5)
+    kv.hold(8000, None, 0)
+    assert kv.wait(4000, 10_000) == 0.0  # nothing ended here yet: no lifetime known
+    kv.observe_lifetime(4.0)
+    kv.observe_lifetime(8.0)
+    assert kv.lifetime == 6.0  # first sample, then half of the way to the next
+    kv.observe_lifetime(float("nan"))
+    assert kv.lifetime == 6.0
+    assert kv.wait(2000, 10_000) == 0.0  # fits
+    assert kv.wait(4000, 10_000) == pytest.approx(6.0 * 2000 / 8000)  # a quarter of the holders must end
+    assert kv.wait(50_000, 10_000) == 6.0  # at most everything here ends

@@ -140,6 +140,35 @@ def test_bounded_load_affinity_allows_a_heavier_endpoint_more_load() -> None:
         assert d.costs[0].endpoint_id != "e0"  # the cost alone would not have chosen it
 
 
+@pytest.mark.parametrize(("engine_kv_tokens", "expect"), [(0, "e0"), (10_000, "e1")])
+def test_a_full_kv_cache_steers_a_request_away_from_its_prefix(engine_kv_tokens: int, expect: str) -> None:
+    router = Router(RoutingConfig(hot_spread=False, session_affinity=False, affinity_load_factor=0.0,
+                                  engine_kv_tokens=engine_kv_tokens))
+    e0, e1 = EndpointView("e0", max_in_flight=64), EndpointView("e1", max_in_flight=64)
+    # One request lives 9 s on e0 (its lifetime there), reporting 100 output tokens.
+    d = router.decide([e0], _prompt(50, 1000), None, None, now=0.0)
+    router.on_first_byte(d, 0.2)
+    router.on_complete(d, cached_tokens=0, prompt_tokens=1000, now=9.0, completion_tokens=100)
+    # Four 2300-token requests now decode on e0 (prefilled: no queue, but their KV is held).
+    for i in range(4):
+        d = router.decide([e0], _prompt(100 + i, 2300), None, None, now=10.0)
+        router.on_first_byte(d, 0.0)
+    prefix = _prompt(1, 1024)
+    assert router.index is not None
+    router.index.record("e0", prefix)
+    d = router.decide([e0, e1], prefix + _prompt(2, 976), None, None, now=10.0)
+    # e0 saves 1024 tokens of prefill (~0.13 s) but holds 9220 of its 10000 KV tokens
+    # (4 x (2300 + 5 output tokens, the learned mean)): the new request (976 + 5 tokens of
+    # its own, its 1024-token prefix revived) overflows by 1225, so waits for 1225 / 9220 of
+    # e0's requests to end: ~1.2 s of their 9 s lifetime.
+    assert d.endpoint_id == expect
+    costs = {c.endpoint_id: c.predicted_ttft for c in d.costs}
+    if engine_kv_tokens:
+        assert costs["e0"] - costs["e1"] > 0.5
+    else:
+        assert costs["e0"] < costs["e1"]
+
+
 def test_a_burst_sees_its_own_reservations_and_never_overruns_an_endpoint() -> None:
     router = Router(RoutingConfig(hot_spread=False))
     fleet = _fleet(4, max_in_flight=8)

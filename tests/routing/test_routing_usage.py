@@ -25,7 +25,7 @@ def test_json_body() -> None:
                        "usage": {"prompt_tokens": 1200, "completion_tokens": 5, "total_tokens": 1205,
                                  "prompt_tokens_details": {"cached_tokens": 1024}}}).encode()
     # Split anywhere, and longer than the kept tail: usage is at the end.
-    assert _scan(body[:7], body[7:50_000], body[50_000:]) == Usage(1200, 1024)
+    assert _scan(body[:7], body[7:50_000], body[50_000:]) == Usage(1200, 1024, 5)
 
 
 def test_stream_with_include_usage() -> None:
@@ -34,13 +34,14 @@ def test_stream_with_include_usage() -> None:
                                                    "prompt_tokens_details": {"cached_tokens": 256}}}))
     chunks.append(b"data: [DONE]\n\n")
     stream = b"".join(chunks)
-    assert _scan(*(stream[i:i + 100] for i in range(0, len(stream), 100))) == Usage(300, 256)
+    assert _scan(*(stream[i:i + 100] for i in range(0, len(stream), 100))) == Usage(300, 256, 50)
 
 
 @pytest.mark.parametrize(("payload", "expected"), [
     ({"usage": {"prompt_tokens": 10}}, Usage(10, None)),  # no prompt details
     ({"usage": {"prompt_tokens": 10, "prompt_tokens_details": None}}, Usage(10, None)),
     ({"usage": {"prompt_tokens": -1, "prompt_tokens_details": {"cached_tokens": True}}}, Usage(None, None)),
+    ({"usage": {"completion_tokens": "7"}}, Usage(None, None, None)),
     ({"choices": []}, None),
 ])
 def test_partial_or_absent_reports(payload: object, expected: Usage | None) -> None:
