@@ -162,7 +162,7 @@ async def _embedded_or(config: GatewayConfig | None, host: str | None,
 def embedded_default(fleet: Fleet) -> GatewayConfig:
     """The configuration ``pixiu-kv serve`` uses without a file: the fleet behind the
     kvcache filter (endpoint ids = LMCache instance ids) with its router on and what an
-    operator knows of these engines (their tokenizer, their cache size), everything else
+    operator knows of these engines (their tokenizer, their cache and GPU KV sizes), everything else
     at defaults: a new user sees first-sight prefix routing at once."""
     endpoints = "\n".join(
         f'[[clusters.endpoints]]\nid = "{e.instance_id}"\naddress = "{e.url}"\n' for e in fleet.engines)
@@ -171,6 +171,7 @@ def embedded_default(fleet: Fleet) -> GatewayConfig:
     model = engine.model if engine is not None else ""
     # LMCache writes every chunk through to the CPU tier: an engine keeps the larger tier.
     cache_tokens = max(engine.gpu_kv_tokens, engine.cpu_tier_tokens) if engine is not None else 0
+    kv_tokens = engine.gpu_kv_tokens if engine is not None else 0
     text = f"""
 [[clusters]]
 name = "sim"
@@ -188,6 +189,7 @@ enabled = true
 [http_filters.config.routing]
 enabled = true
 engine_cache_tokens = {cache_tokens}
+engine_kv_tokens = {kv_tokens}
 [[http_filters.config.routing.tokenizers]]
 model = "{model}"
 path = "builtin:sim"

@@ -15,7 +15,7 @@ import pytest
 import trio
 from gateway_support import EngineFactory, gateway_toml
 
-from pixiu_kv.cli import main
+from pixiu_kv.cli import embedded_default, main
 from pixiu_kv.config import ConfigError, KvCacheConfig, load_config, loads_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,6 +175,19 @@ def test_sim_and_bench_are_delegated(command: str, capsys: pytest.CaptureFixture
         main([command, "--help"])
     assert info.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+async def test_the_embedded_default_tells_the_router_what_the_engines_hold() -> None:
+    from pixiu_kv.sim.fleet import open_fleet
+
+    async with open_fleet(2) as fleet:
+        config = embedded_default(fleet)
+    kv = config.kvcache
+    assert kv is not None and kv.routing.enabled
+    engine = fleet.engines[0].engine.config
+    assert kv.routing.engine_kv_tokens == engine.gpu_kv_tokens
+    assert kv.routing.engine_cache_tokens == max(engine.gpu_kv_tokens, engine.cpu_tier_tokens)
+    assert [e.id for e in config.clusters[0].endpoints] == [e.instance_id for e in fleet.engines]
 
 
 async def test_serve_without_config_runs_the_embedded_fleet_with_the_kvcache_filter() -> None:

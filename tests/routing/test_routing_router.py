@@ -21,6 +21,15 @@ def _fleet(n: int = 4, max_in_flight: int = 64, **in_flight: int) -> list[Endpoi
             for i in range(n)]
 
 
+def _holding(prefix_tokens: int, **config: object) -> tuple[Router, list[int]]:
+    """A router (no hot spread, no sessions) that believes e0 holds a ``prefix_tokens`` prefix."""
+    router = Router(RoutingConfig(hot_spread=False, session_affinity=False, **config))  # type: ignore[arg-type]
+    prefix = _prompt(1, prefix_tokens)
+    assert router.index is not None
+    router.index.record("e0", prefix)
+    return router, prefix
+
+
 def _serve(router: Router, d: Decision, ttft: float = 0.05) -> None:
     router.on_first_byte(d, ttft)
     router.on_complete(d, cached_tokens=None, prompt_tokens=None)
@@ -79,11 +88,8 @@ def test_a_saturated_fleet_keeps_cache_affinity() -> None:
 ])
 def test_cache_and_queue_are_traded_in_one_cost(holder_queue_requests: int, duplicate_cost_factor: float,
                                                 expect_holder: bool) -> None:
-    router = Router(RoutingConfig(hot_spread=False, session_affinity=False, overload_queue_time=10.0,
-                                  duplicate_cost_factor=duplicate_cost_factor))
-    prefix = _prompt(1, 16_000)  # 2 s of prefill at the prior 8000 tokens/s
-    assert router.index is not None
-    router.index.record("e0", prefix)
+    # 2 s of prefill at the prior 8000 tokens/s
+    router, prefix = _holding(16_000, overload_queue_time=10.0, duplicate_cost_factor=duplicate_cost_factor)
     fleet = _fleet(2)
     for i in range(holder_queue_requests):
         router.decide([fleet[0]], _prompt(100 + i, 4000), None, None, now=1.0)
@@ -105,11 +111,8 @@ def test_cache_and_queue_are_traded_in_one_cost(holder_queue_requests: int, dupl
 ])
 def test_bounded_load_affinity_keeps_a_prefix_on_its_holder(case: str, holder_load: int, factor: float,
                                                             expect_holder: bool) -> None:
-    router = Router(RoutingConfig(hot_spread=False, session_affinity=False, duplicate_cost_factor=0.0,
-                                  affinity_load_factor=factor))
-    prefix = _prompt(1, 8000)  # 1 s of prefill at the prior 8000 tokens/s
-    assert router.index is not None
-    router.index.record("e0", prefix)
+    # 1 s of prefill at the prior 8000 tokens/s
+    router, prefix = _holding(8000, duplicate_cost_factor=0.0, affinity_load_factor=factor)
     holder = EndpointView("e0", in_flight=holder_load, max_in_flight=64)
     for i in range(6):  # 6 x 0.5 s queued on the holder, within the 5 s overload guard
         d = router.decide([holder], _prompt(100 + i, 4000), None, None, now=1.0)
@@ -125,11 +128,8 @@ def test_bounded_load_affinity_keeps_a_prefix_on_its_holder(case: str, holder_lo
 
 def test_bounded_load_affinity_allows_a_heavier_endpoint_more_load() -> None:
     # Weight 2 = twice the hardware: its bound is twice the mean load per unit of weight.
-    prefix = _prompt(1, 8000)
     for weight, load, expect_holder in [(1, 14, False), (2, 14, True)]:
-        router = Router(RoutingConfig(hot_spread=False, session_affinity=False, duplicate_cost_factor=0.0))
-        assert router.index is not None
-        router.index.record("e0", prefix)
+        router, prefix = _holding(8000, duplicate_cost_factor=0.0)
         holder = EndpointView("e0", in_flight=load, max_in_flight=64, weight=weight)
         others = [EndpointView(f"e{i}", in_flight=8, max_in_flight=64) for i in (1, 2, 3)]
         for i in range(6):  # queued prefill on the holder: by cost alone, another is faster
