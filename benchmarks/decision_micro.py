@@ -50,11 +50,11 @@ def _warm(router: Router, fleet: Sequence[EndpointView], prompts: Sequence[Seque
 class _Bench:
     """One warmed router and its inputs; each ``*_batch`` method is one measured batch."""
 
-    def __init__(self, endpoints: int, tokens: int) -> None:
+    def __init__(self, endpoints: int, tokens: int, kv_tokens: int = 0) -> None:
         self.fleet = [EndpointView(f"engine-{i:02d}", in_flight=i % 5, max_in_flight=256)
                       for i in range(endpoints)]
         self.prompts = _pool(tokens, groups=8, per_group=16)
-        self.router = Router(RoutingConfig())
+        self.router = Router(RoutingConfig(engine_kv_tokens=kv_tokens))
         _warm(self.router, self.fleet, self.prompts)
         self.keys = [self.router.prefix_keys(p) for p in self.prompts]
         # A next turn: the previous turn's keys (compact, as a token cache keeps them) and
@@ -137,10 +137,11 @@ def _per_call(bench: _Bench, fn: Callable[[int], None], iterations: int) -> floa
     return spent / done
 
 
-def measure(iterations: int, endpoints: int, tokens: int, repeats: int) -> dict[str, float]:
+def measure(iterations: int, endpoints: int, tokens: int, repeats: int,
+            kv_tokens: int = 0) -> dict[str, float]:
     results: dict[str, list[float]] = {}
     for _ in range(repeats):
-        bench = _Bench(endpoints, tokens)
+        bench = _Bench(endpoints, tokens, kv_tokens)
         # The setup's garbage is collected and its objects (the prompt pool: 128 lists of
         # 4k ints, and the warmed router) leave the collector's generations, so that a full
         # collection over the benchmark's own scaffolding (~35 ms here) does not land in one
@@ -170,9 +171,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--endpoints", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--engine-kv-tokens", type=int, default=0,
+                        help="the router's engine_kv_tokens (0: the default, no KV admission term); "
+                             "small values keep every endpoint's KV cache full, so the term is computed")
     args = parser.parse_args(argv)
-    results = measure(args.iterations, args.endpoints, args.tokens, args.repeats)
+    results = measure(args.iterations, args.endpoints, args.tokens, args.repeats, args.engine_kv_tokens)
     print(f"routing decision CPU, {args.tokens}-token prompt, {args.endpoints} endpoints, "
+          f"engine_kv_tokens={args.engine_kv_tokens}, "
           f"median of {args.repeats} x {args.iterations} decisions (time.process_time):")
     reference = results["reference: hash(tuple(token ids))"]
     for name, seconds in results.items():
