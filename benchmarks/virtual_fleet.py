@@ -32,8 +32,10 @@ are at the same speed.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
+import multiprocessing
 import os
 import random
 import statistics
@@ -54,7 +56,15 @@ from pixiu_kv.sim.tokenizer import detokenize
 
 from .oracle import OracleRouter, Ticket
 from .sizing import FleetPlan, plan_fleet
-from .workloads import WORKLOAD_NAMES, Session, Workload, build_workload, default_spec, render_request
+from .workloads import (
+    WORKLOAD_NAMES,
+    Session,
+    Workload,
+    WorkloadSpec,
+    build_workload,
+    default_spec,
+    render_request,
+)
 
 __all__ = ["POLICIES", "Outcome", "run_policy"]
 
@@ -386,6 +396,20 @@ def _override(text: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
+def _run_job(spec: WorkloadSpec, seed: int, name: str, engines: int, cache_fraction: float, mode: str,
+             concurrency: int, rate: float | None, duration: float, lookup_loss: float,
+             overrides: dict[str, Any]) -> tuple[str, str]:
+    """One run, in its own process: the fleet plan as a header, and the outcome's line."""
+    workload = build_workload(spec, seed=seed)
+    plan = plan_fleet(spec, engines=engines, cache_fraction=cache_fraction, speed=1.0)
+    rate = rate if rate is not None else plan.rate
+    out = run_policy(name, workload, plan, mode=mode, concurrency=concurrency, rate=rate, duration=duration,
+                     seed=seed, lookup_loss=lookup_loss, overrides=overrides)
+    header = (f"rate={rate:.2f} cache_fraction={plan.cache_fraction} gpu={plan.gpu_kv_tokens} "
+              f"cpu={plan.cpu_tier_tokens}")
+    return header, out.line()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.virtual_fleet", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -402,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=1, help="repeat with seeds seed..seed+N-1")
     ap.add_argument("--lookup-loss", type=float, default=0.0, help="share of LMCache lookups lost")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     ap.add_argument("--set", action="append", default=[], type=_override,
                     help="pixiu-kv routing setting KEY=VALUE (repeatable)")
     args = ap.parse_args(argv)
@@ -412,18 +437,27 @@ def main(argv: list[str] | None = None) -> int:
                                    *(sys.argv[1:] if argv is None else argv)],
                   {**os.environ, "PYTHONHASHSEED": "0"})
     overrides = dict(args.set)
-    for seed in range(args.seed, args.seed + args.seeds):
-        workload = build_workload(default_spec(args.workload, quick=args.quick), seed=seed)
-        plan = plan_fleet(workload.spec, engines=args.engines, cache_fraction=args.cache_fraction, speed=1.0)
-        rate = args.rate if args.rate is not None else plan.rate
-        print(f"# {args.workload} seed={seed} mode={args.mode} concurrency={args.concurrency} "
-              f"rate={rate:.2f} cache_fraction={plan.cache_fraction} gpu={plan.gpu_kv_tokens} "
-              f"cpu={plan.cpu_tier_tokens} lookup_loss={args.lookup_loss} overrides={overrides}")
-        for name in args.policies.split(","):
-            out = run_policy(name, workload, plan, mode=args.mode, concurrency=args.concurrency,
-                             rate=rate, duration=args.duration, seed=seed, lookup_loss=args.lookup_loss,
-                             overrides=overrides)
-            print(out.line(), flush=True)
+    spec = default_spec(args.workload, quick=args.quick)
+    jobs: list[tuple[int, str]] = [(seed, name) for seed in range(args.seed, args.seed + args.seeds)
+                                   for name in args.policies.split(",")]
+    unknown = sorted({name for _, name in jobs} - set(POLICIES))
+    if unknown:
+        ap.error(f"unknown policies {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
+    # One fresh process per run: in a process that already ran something, trio wakes tasks
+    # with equal deadlines in an order that follows object addresses, so a policy's figures
+    # would depend on what ran before it.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=context,
+                                                max_tasks_per_child=1) as pool:
+        futures = [pool.submit(_run_job, spec, seed, name, args.engines, args.cache_fraction, args.mode,
+                               args.concurrency, args.rate, args.duration, args.lookup_loss, overrides)
+                   for seed, name in jobs]
+        for (seed, name), future in zip(jobs, futures, strict=True):
+            header, line = future.result()
+            if name == args.policies.split(",")[0]:
+                print(f"# {args.workload} seed={seed} mode={args.mode} concurrency={args.concurrency} "
+                      f"{header} lookup_loss={args.lookup_loss} overrides={overrides}")
+            print(line, flush=True)
     return 0
 
 

@@ -47,6 +47,15 @@ _HOT_WIDE = 2.0
 _OUTPUT_WEIGHT = 0.05
 
 
+def _prefix_key(keys: PrefixKeys | None, matched: int) -> int | None:
+    """The key of the deepest block within the first ``matched`` tokens (None: no such block):
+    what names a shared prefix in an endpoint's KV occupancy."""
+    if not matched or keys is None:
+        return None
+    block = keys.block_at(matched)
+    return keys.keys[block] if block >= 0 else None
+
+
 @attrs.frozen(slots=True)
 class LearnedCost:
     endpoint_id: str
@@ -299,7 +308,7 @@ class Router:
                     + per_cached * real)
             if kv_capacity and state.kv.used:
                 kv = state.kv
-                prefix = keys.keys[keys.block_at(real)] if real and keys is not None and keys.keys else None
+                prefix = _prefix_key(keys, real)
                 ttft += kv.wait(kv.needed(private - real, prefix, real), kv_capacity * view.weight)
             if not cost_model:
                 append_rank((-real, load, id_hashes[endpoint_id] ^ salt, n))
@@ -458,13 +467,15 @@ class Router:
         # where it pushes traffic away from whichever engines are busy (the holders).
         backlog = state.queue.backlog(now)
         state.queue.add(work, now)
-        kv_tokens = private - real_matched
-        kv_prefix = (keys.keys[keys.block_at(real_matched)]
-                     if real_matched and keys is not None and keys.keys else None)
-        kv = state.kv
-        kv_wait = (kv.wait(kv.needed(kv_tokens, kv_prefix, real_matched), kv_capacity * view.weight)
-                   if kv_capacity else 0.0)
-        kv.hold(kv_tokens, kv_prefix, real_matched)
+        kv_tokens = 0.0
+        kv_prefix = None
+        kv_wait = 0.0
+        if kv_capacity:
+            kv_tokens = private - real_matched
+            kv_prefix = _prefix_key(keys, real_matched)
+            kv = state.kv
+            kv_wait = kv.wait(kv.needed(kv_tokens, kv_prefix, real_matched), kv_capacity * view.weight)
+            kv.hold(kv_tokens, kv_prefix, real_matched)
         state.recent = state.recent_count(now, window) + 1.0
         receipt = (self._index.record(view.id, keys)
                    if self._index is not None and keys is not None else None)
