@@ -5,7 +5,9 @@
     endpoints (health, in-flight) + reservations ---> queue, load, overload guard
     hot prefix tracker ---------------------------> replicas of a popular prefix
     per endpoint: predicted TTFT = queue + running + base + per_token x uncached + cached load
-    winner = argmin (ties: load, then a per-prompt hash of the id); session hash if no signal
+                                   + KV admission wait (a full GPU KV cache)
+    winner = argmin (ties: load, then a per-prompt hash of the id); the deepest holder keeps
+             it within a bounded load; session hash if no signal
 
 The decision reserves its predicted prefill work on the chosen endpoint at once, so the
 next decision of a burst sees it; callbacks release it and teach the per-endpoint costs.
@@ -132,7 +134,8 @@ class _Pending:
 
     def __init__(self, endpoint_id: str, work: float, queued: float, load: int, matched: int,
                  prompt_tokens: int, keys: PrefixKeys | None,
-                 receipt: tuple[list[float | None], float] | None, created: float, lag: float) -> None:
+                 receipt: tuple[list[float | None], float] | None, created: float, lag: float,
+                 kv_tokens: float, kv_prefix: int | None, kv_wait: float) -> None:
         self.endpoint_id = endpoint_id
         self.work = work
         self.queued = queued
@@ -146,10 +149,11 @@ class _Pending:
         self.prefilled = False
         # The endpoint's lag when it was chosen (part of the predicted TTFT).
         self.lag = lag
-        # KV tokens this request holds there until it ends, and the admission wait predicted.
-        self.kv_tokens = 0.0
-        self.kv_prefix: int | None = None
-        self.kv_wait = 0.0
+        # KV tokens this request holds there until it ends (its private ones, and its prefix
+        # by key), and the admission wait predicted for it.
+        self.kv_tokens = kv_tokens
+        self.kv_prefix = kv_prefix
+        self.kv_wait = kv_wait
 
 
 class Router:
@@ -480,12 +484,9 @@ class Router:
         receipt = (self._index.record(view.id, keys)
                    if self._index is not None and keys is not None else None)
         handle = next(self._handles)
-        pending = _Pending(view.id, work, backlog, winner[_LOAD], real_matched, prompt_tokens, keys,
-                           receipt, now, max(0.0, winner[_QUEUED] - backlog))
-        pending.kv_tokens = kv_tokens
-        pending.kv_prefix = kv_prefix
-        pending.kv_wait = kv_wait
-        self._pending[handle] = pending
+        self._pending[handle] = _Pending(view.id, work, backlog, winner[_LOAD], real_matched,
+                                         prompt_tokens, keys, receipt, now,
+                                         max(0.0, winner[_QUEUED] - backlog), kv_tokens, kv_prefix, kv_wait)
         if len(self._pending) > cfg.max_pending:
             self._drop(next(iter(self._pending)))
         self._decisions[reason] += 1
