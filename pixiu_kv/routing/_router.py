@@ -427,6 +427,7 @@ class Router:
                       for r in (ranks[row_of[e]] for e in replicas) if r[0] <= limit]
             best = min(spread)[1]
         winner = rows[best[3]]
+        affinity_kept = False  # bounded-load affinity overruled the cost
         bound = cfg.affinity_load_factor
         if bound and best_eligible_real and not replicas and winner[_REAL] < best_eligible_real:
             # Bounded-load affinity: the cheapest endpoint holding the deepest match keeps the
@@ -442,6 +443,7 @@ class Router:
                 row = rows[r[3]]
                 if row[_REAL] >= best_eligible_real and row[_LOAD] <= per_weight * row[_VIEW].weight + 1.0:
                     winner = row
+                    affinity_kept = True
                     break
         if best_eligible_real == 0 and not replicas and session_key and cfg.session_affinity:
             loads_by_id = {row[_VIEW].id: row[_LOAD] for row in rows if not row[_OVERLOADED]}
@@ -454,6 +456,8 @@ class Router:
                 reason = "load"
         elif replicas and winner[_REAL] < hot_tokens and winner[_VIEW].id in replicas:
             reason = "hot-spread"
+        elif affinity_kept:
+            reason = "affinity"
         elif winner[_REAL] > 0 and winner[_REAL] >= best_eligible_real:
             reason = "cache"
         else:

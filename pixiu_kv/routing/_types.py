@@ -10,9 +10,10 @@ from ..context import RouteHint
 
 __all__ = ["CostLine", "Decision", "EndpointView", "Reason"]
 
-Reason = Literal["cache", "load", "session", "hot-spread", "no-endpoint"]
-"""Which term decided: the cache match, the load (queue, in-flight), the session's hash,
-the spreading of a hot prefix over replicas, or nothing was eligible."""
+Reason = Literal["cache", "affinity", "load", "session", "hot-spread", "no-endpoint"]
+"""Which term decided: the cache match, bounded-load affinity (the holder kept a request
+another endpoint looked faster for), the load (queue, in-flight), the session's hash, the
+spreading of a hot prefix over replicas, or nothing was eligible."""
 
 
 def _non_negative_int(_: object, attribute: attrs.Attribute[int], value: int) -> None:

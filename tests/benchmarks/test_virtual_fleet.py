@@ -44,10 +44,6 @@ def test_every_policy_serves_every_request(policy: str) -> None:
     assert out.throughput_rps > 0
 
 
-def test_a_run_is_repeatable() -> None:
-    assert _closed("pixiu-kv", seed=3) == _closed("pixiu-kv", seed=3)
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kv_aware_routing_keeps_a_saturated_fleet_hitting(seed: int) -> None:
     # By the predicted TTFT alone, small queue differences spread each group over every
@@ -65,7 +61,9 @@ def test_kv_aware_routing_keeps_a_saturated_fleet_hitting(seed: int) -> None:
     assert default.hit_ratio > 1.5 * cost_alone.hit_ratio
     assert default.hit_ratio >= 0.95 * oracle.hit_ratio
     assert default.throughput_rps > round_robin.throughput_rps
-    assert default.reasons["cache"] > cost_alone.reasons["cache"]
+    on_cache = default.reasons.get("cache", 0) + default.reasons.get("affinity", 0)
+    assert on_cache > cost_alone.reasons["cache"]
+    assert "affinity" not in cost_alone.reasons
     assert max(default.per_engine) <= 1.25 * (default.requests / 4)  # still spread
 
 

@@ -120,7 +120,7 @@ def test_bounded_load_affinity_keeps_a_prefix_on_its_holder(case: str, holder_lo
     fleet = [holder] + [EndpointView(f"e{i}", in_flight=8, max_in_flight=64) for i in (1, 2, 3)]
     d = router.decide(fleet, prefix + _prompt(2, 100), None, None, now=1.0)
     assert (d.endpoint_id == "e0") is expect_holder, case
-    assert d.reason == ("cache" if expect_holder else "load"), case
+    assert d.reason == ("affinity" if expect_holder else "load"), case
     assert d.matched_tokens == (7936 if expect_holder else 0), case  # whole 256-token blocks
     # The explanation shows a cheaper endpoint than the winner when the bound decided.
     assert (d.costs[0].endpoint_id != "e0") is True, case
@@ -137,6 +137,7 @@ def test_bounded_load_affinity_allows_a_heavier_endpoint_more_load() -> None:
         # 1.25 x (14 + 24) / (weight + 3) per unit of weight, + 1: 12.9 (weight 1), 20 (weight 2)
         d = router.decide([holder, *others], prefix + _prompt(2, 100), None, None, now=1.0)
         assert (d.endpoint_id == "e0") is expect_holder, weight
+        assert d.reason == ("affinity" if expect_holder else "load")
         assert d.costs[0].endpoint_id != "e0"  # the cost alone would not have chosen it
 
 
