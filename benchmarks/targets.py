@@ -140,10 +140,10 @@ def routing_settings(model: str, engine: dict[str, Any]) -> dict[str, Any]:
 
     The router on, every capability at its recommended default, and the facts an operator
     knows about their engines: the model's tokenizer (the simulator's), each engine's cache
-    size (the larger of its GPU cache and
-    its LMCache tier: LMCache writes every chunk through to the CPU tier, so the two hold
-    mostly the same prefixes and their sum would overstate what an engine keeps), the
-    tier's load bandwidth, and the cost priors at the fleet's speed (the
+    size (the larger of its GPU cache and its LMCache tier: LMCache writes every chunk
+    through to the CPU tier, so the two hold mostly the same prefixes and their sum would
+    overstate what an engine keeps), its GPU KV size (what it admits running requests
+    into), the tier's load bandwidth, and the cost priors at the fleet's speed (the
     simulated hardware runs ``speed`` times faster than the defaults assume).
     """
     speed = float(engine.get("speed", 1.0))
