@@ -165,12 +165,7 @@ class OracleRouter:
             if tier.enabled:
                 if keys is None:
                     keys = chunk_keys(tokens, cfg.chunk_size)
-                chunks = 0
-                for key in keys:
-                    if key not in tier:
-                        break
-                    chunks += 1
-                tier_tokens = min(chunks * cfg.chunk_size, len(tokens) - 1)
+                tier_tokens = min(tier.held_prefix(keys) * cfg.chunk_size, len(tokens) - 1)
                 cpu_hit = max(0, tier_tokens - gpu_hit)
             scheduler = engine.scheduler
             backlog = max(0.0, scheduler._prefill_free_at - now) + self._unadmitted_s(index)

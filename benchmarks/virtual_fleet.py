@@ -52,6 +52,7 @@ from pixiu_kv.sim.engine import SimEngine
 from pixiu_kv.sim.engine_config import EngineConfig
 from pixiu_kv.sim.lmcache_link import chunk_keys
 from pixiu_kv.sim.openai_api import parse_chat, parse_completion
+from pixiu_kv.sim.prefix_cache import block_hashes
 from pixiu_kv.sim.tokenizer import detokenize
 
 from .oracle import OracleRouter, Ticket
@@ -109,12 +110,7 @@ class _Fleet:
         keys = chunk_keys(tokens, self.config.chunk_size)
         out: dict[str, int] = {}
         for engine in self.engines:
-            tier = engine.cpu_tier
-            chunks = 0
-            for key in keys:
-                if key not in tier:
-                    break
-                chunks += 1
+            chunks = engine.cpu_tier.held_prefix(keys)
             if chunks:
                 out[engine.instance_id] = min(chunks * self.config.chunk_size, len(tokens))
         return out
@@ -219,10 +215,7 @@ class _SglangCacheAware:
 
     def pick(self, tokens: list[int], now: float) -> tuple[int, object]:
         loads = self._fleet.in_flight
-        keys, h = [], 0
-        for start in range(0, len(tokens) - self._chunk + 1, self._chunk):
-            h = hash((h, tuple(tokens[start:start + self._chunk])))
-            keys.append(h)
+        keys = block_hashes(tokens, self._chunk)
         if max(loads) - min(loads) > 64 and max(loads) > 1.5 * min(loads):
             i = loads.index(min(loads))
         else:

@@ -100,6 +100,16 @@ class CpuTier:
         if self._chunks:
             sink.admit(list(self._chunks))
 
+    def held_prefix(self, keys: Sequence[int]) -> int:
+        """How many leading chunks of ``keys`` are held here, without touching their recency
+        (what a router or the controller's lookup sees; :meth:`match` is the engine's use)."""
+        chunks = 0
+        for key in keys:
+            if key not in self._chunks:
+                break
+            chunks += 1
+        return chunks
+
     def match(self, keys: Sequence[int]) -> TierMatch:
         """The leading chunks of ``keys`` held here; they become most recently used."""
         chunks = 0

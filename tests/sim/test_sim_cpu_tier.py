@@ -19,6 +19,19 @@ def test_reports_exact_chunk_keys_to_the_sink(sink: RecordingSink) -> None:
     assert tier.match(chunk_keys(tokens)).chunks == 3
 
 
+def test_held_prefix_counts_leading_chunks_without_touching_recency(sink: RecordingSink) -> None:
+    tier = CpuTier(4 * CHUNK_SIZE, sink)
+    first, second = _tokens(2, salt=1), _tokens(2, salt=2)
+    tier.store(chunk_keys(first))
+    tier.store(chunk_keys(second))
+    assert tier.held_prefix(chunk_keys(first)) == 2
+    assert tier.held_prefix(chunk_keys(_tokens(3, salt=1))) == 2  # a longer prompt, same start
+    # Looking did not make `first` recent: the next store evicts it, not `second`.
+    tier.store(chunk_keys(_tokens(1, salt=3)))
+    assert tier.held_prefix(chunk_keys(first)) == 0
+    assert tier.held_prefix(chunk_keys(second)) == 2
+
+
 def test_lru_eviction_is_reported(sink: RecordingSink) -> None:
     tier = CpuTier(4 * CHUNK_SIZE, sink)
     first, second = _tokens(3, salt=1), _tokens(3, salt=2)
