@@ -4,10 +4,11 @@
   workload's distinct reusable prefix tokens, so placement decides what hits; each engine
   still fits a few requests at once (a floor), and the LMCache CPU tier is sized relative
   to the GPU (``cpu_tier_ratio``).
-* Rate: the request rate that keeps the engines ``busy`` (70%) under round robin: the lower
-  of what their prefill lanes sustain (with the expected round-robin hit ratio: an engine of
-  an evenly spread fleet holds its share of the prefixes) and what their GPU KV capacity
-  sustains (requests hold their blocks while they decode).
+* Rate: the request rate that keeps the engines ``busy`` (70%) under round robin: what
+  their GPU sustains, prefill (with the expected round-robin hit ratio: an engine of an
+  evenly spread fleet holds its share of the prefixes) and decode sharing it, with as many
+  requests at once as the GPU KV capacity holds (requests hold their blocks while they
+  decode).
 * Speed: the sim's speed factor that keeps the SSE event rate and the request rate within
   what the gateway and the load generator can carry on a small machine without starving
   the simulated engines.
@@ -88,7 +89,7 @@ def _round_up(value: float, multiple: int) -> int:
 def plan_fleet(spec: WorkloadSpec, *, engines: int = 4, cache_fraction: float = 0.7,
                cpu_tier_ratio: float = 1.0, busy: float = 0.7, min_requests_per_engine: int = 4,
                speed: float | None = None, max_events_per_s: float = 1200.0,
-               max_requests_per_s: float = 30.0) -> FleetPlan:
+               max_requests_per_s: float = 30.0, shared_gpu: bool = True) -> FleetPlan:
     """Capacity, rate and speed for ``engines`` engines serving ``spec``."""
     profile = cost_profile(spec)
     distinct = distinct_prefix_tokens(spec)
@@ -106,7 +107,11 @@ def plan_fleet(spec: WorkloadSpec, *, engines: int = 4, cache_fraction: float = 
     # its whole decode, so an engine runs at most ``slots`` requests at once.
     slots = max(1, gpu // max(1, int(profile.mean_prompt + profile.mean_output)))
     decode_s = profile.mean_output * DECODE_INTERVAL_S * (1.0 + DECODE_BATCH_SLOPE * slots)
-    kv_rate = slots / (prefill_s + decode_s)
+    # Prefill and decode share the GPU (the sim's chunked prefill): every second of prefill
+    # is a second the batch does not decode, so ``slots`` requests at once finish at
+    # ``slots / (slots x prefill_s + decode_s)`` per second (a prefill lane of its own:
+    # ``slots / (prefill_s + decode_s)``).
+    kv_rate = slots / ((slots if shared_gpu else 1) * prefill_s + decode_s)
     rate_at_1 = busy * engines * min(1.0 / prefill_s, kv_rate)
     if speed is None:
         # Slower (or faster) engines change every duration alike, so ratios between routers

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LMCache CPU tier per engine (0: no LMCache)")
     parser.add_argument("--stream-interval", type=int, default=defaults.stream_interval,
                         help="stream new tokens every N decode steps (vLLM's --stream-interval)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
+                        help="prefill tokens each decode step carries (vLLM's chunked prefill budget); "
+                             "0: prefill never slows decode")
     parser.add_argument("--no-controller", action="store_true", help="do not run the controller emulator")
     parser.add_argument("--controller-port", type=int, default=0)
     parser.add_argument("--server", choices=SERVER_KINDS, default=DEFAULT_SERVER,
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             model=args.model, speed=args.speed, max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len, gpu_kv_tokens=args.gpu_kv_tokens,
             cpu_tier_tokens=args.cpu_tier_tokens, stream_interval=args.stream_interval,
+            max_num_batched_tokens=args.max_num_batched_tokens,
         )
         if args.engines < 1:
             raise ValueError("--engines must be at least 1")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import attrs
 
 from .engine_config import EngineConfig
@@ -33,11 +35,17 @@ class PrefillPlan:
 
 
 class CostModel:
-    __slots__ = ("_config", "_scale")
+    __slots__ = ("_chunk_seconds", "_config", "_scale")
 
     def __init__(self, config: EngineConfig) -> None:
         self._config = config
         self._scale = 1.0 / config.speed
+        self._chunk_seconds = config.max_num_batched_tokens / config.prefill_tokens_per_s * self._scale
+
+    @property
+    def chunk_seconds(self) -> float:
+        """Prefill work one decode step carries (0: prefill never shares a step)."""
+        return self._chunk_seconds
 
     def plan_prefill(
         self, prompt_tokens: int, gpu_hit_tokens: int, cpu_hit_tokens: int, cpu_compressed_tokens: int
@@ -52,6 +60,15 @@ class CostModel:
         )
         return PrefillPlan(prompt_tokens, gpu_hit_tokens, cpu_hit_tokens, cpu_compressed_tokens,
                            seconds * self._scale)
+
+    def interleaved_decode(self, prefill_seconds: float, running: int) -> float:
+        """What a prefill of ``prefill_seconds`` of work waits for decode while a batch
+        decodes: one decode step per chunk (vLLM schedules the running decodes first and
+        fills the rest of the step's token budget with prefill)."""
+        if self._chunk_seconds <= 0.0 or prefill_seconds <= 0.0:
+            return 0.0
+        chunks = math.ceil(prefill_seconds / self._chunk_seconds - 1e-9)
+        return chunks * self.decode_interval(running)
 
     def decode_interval(self, running: int) -> float:
         c = self._config

@@ -55,6 +55,12 @@ class EngineConfig:
     decode_interval_s: float = attrs.field(default=0.015, validator=_positive)
     decode_batch_slope: float = attrs.field(default=0.002, validator=_non_negative)
     """Each running sequence lengthens the decode step by this fraction."""
+    max_num_batched_tokens: int = attrs.field(default=2048, validator=_non_negative)
+    """vLLM's per-step token budget with chunked prefill: prefill and decode share the GPU.
+    While the batch decodes, a prefill advances this many tokens' worth of work per decode
+    step, and each such step takes that much longer (lockstep decode only). 0 gives prefill a
+    lane of its own that never slows decode (as if the engine had spare compute beside its
+    decode batch)."""
     lockstep_decode: bool = True
     """Streams advance together, one token per batch step, as in vLLM (token writes come in
     bursts). False gives every stream its own decode timer (writes spread out in time)."""

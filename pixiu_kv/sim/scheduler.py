@@ -199,6 +199,12 @@ class Scheduler:
         self._running -= 1
         self._admit_waiting()
 
+    def _step_seconds(self, step_start: float) -> float:
+        """One decode step from ``step_start``: the batch's tokens, plus a chunk of the
+        prefill lane's work while it has some (chunked prefill shares the GPU's steps)."""
+        prefill = min(self.cost.chunk_seconds, max(0.0, self._prefill_free_at - step_start))
+        return self.cost.decode_interval(self._running) + prefill
+
     async def _wait_step(self, after: int, extra_delay: float) -> int:
         """Wait until the batch step counter passes ``after``; returns the new step.
 
@@ -216,7 +222,7 @@ class Scheduler:
         """Sleep one batch step, advance the counter, deliver the followers' tokens."""
         self._step_timer_held = True
         try:
-            deadline = self._step_time + self.cost.decode_interval(self._running) + extra_delay
+            deadline = self._step_time + self._step_seconds(self._step_time) + extra_delay
             await trio.sleep_until(deadline)
             self._step += 1
             self._step_time = deadline
@@ -351,6 +357,8 @@ class Scheduler:
                                 plan: PrefillPlan, on_step: StepCallback, extra_delay: float) -> None:
         deadline = trio.current_time()
         for step in range(1, max_tokens):
+            # Streams on timers of their own do not model a shared batch step, so no
+            # step carries prefill work here (the lockstep batch does).
             deadline += self.cost.decode_interval(self._running) + extra_delay
             await trio.sleep_until(deadline)
             ids = [output_token(base, c, step) for c in range(n)]
@@ -396,6 +404,8 @@ class Scheduler:
                 metrics.external_hits += plan.cpu_hit_tokens
             start = max(trio.current_time(), self._prefill_free_at)
             done = start + plan.seconds
+            if self._decoding:
+                done += self.cost.interleaved_decode(plan.seconds, self._running)
             self._prefill_free_at = done
             await trio.sleep_until(done + extra_token_delay)
             self.prefix_cache.commit_prompt(allocation, hashes)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import trio
 import trio.testing
@@ -167,7 +169,8 @@ async def test_streams_decode_in_lockstep_and_survive_a_cancelled_peer(
         await trio.testing.wait_all_tasks_blocked()
         for i in range(3):
             nursery.start_soon(stream, i, 20)
-        await trio.sleep(0.1)
+        # Long enough for steps that carry the three prefills' chunks, and a few more.
+        await trio.sleep(0.5)
         doomed.cancel()
     assert [len(times[i]) for i in range(3)] == [20, 20, 20]
     assert 1 < len(times[3]) < 1000
@@ -192,3 +195,36 @@ async def test_own_timer_decode_spreads_streams(autojump_clock: trio.testing.Moc
         nursery.start_soon(lambda: engine.scheduler.generate(_prompt(1, salt=1), 10, on_step=recorder(1)))
     assert len(times[0]) == len(times[1]) == 10
     assert not set(times[0]) & set(times[1])
+
+
+@pytest.mark.parametrize("budget", [2048, 0])
+async def test_prefill_and_decode_share_the_gpu_with_chunked_prefill(
+    autojump_clock: trio.testing.MockClock, budget: int,
+) -> None:
+    """A stream decoding while another prompt prefills: with a step budget, the steps that
+    carry the prefill's chunks take longer and the prefill waits for the batch's steps; with
+    budget 0 the two never slow each other."""
+    engine = _engine(gpu_kv_tokens=16384, max_model_len=8192, max_num_batched_tokens=budget)
+    cost = engine.scheduler.cost
+    step_times: list[float] = []
+
+    async def on_step(step: int, ids: list[int], plan: PrefillPlan) -> None:
+        step_times.append(trio.current_time())
+
+    long_prompt = _prompt(16, salt=2)  # 4096 tokens: 0.41 s of prefill, two 2048-token chunks
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: engine.scheduler.generate(_prompt(1, salt=1), 60, on_step=on_step))
+        await trio.sleep(0.2)  # the stream is decoding
+        big = await engine.scheduler.generate(long_prompt, 1)
+    gaps = [b - a for a, b in itertools.pairwise(step_times[1:])]
+    plain = cost.decode_interval(2)
+    work = 4096 / 10_000
+    if budget:
+        # Two chunks, each riding in one of the batch's steps.
+        assert big.ttft_s == pytest.approx(work + 2 * cost.decode_interval(2), rel=0.02)
+        carrying = [g for g in gaps if g > 1.5 * plain]
+        assert len(carrying) in (2, 3)  # the window's steps (its edges may split a chunk)
+        assert sum(carrying) == pytest.approx(work + len(carrying) * plain, rel=0.1)
+    else:
+        assert big.ttft_s == pytest.approx(work, rel=0.01)
+        assert max(gaps) == pytest.approx(cost.decode_interval(2), rel=0.01)
