@@ -25,6 +25,10 @@ _MIN_MAX_BASE = 1.0
 # Residuals beyond this many mean absolute residuals are clipped (outliers: GC pauses,
 # preemptions, network hiccups).
 _CLIP = 3.0
+# A TTFT is the prefill plus waits the queue did not predict (KV room, a busy lane), never
+# less than the prefill: excess is clipped closer than shortfall, so the fit follows the
+# lower edge of the samples (the prefill cost) rather than their mean.
+_CLIP_EXCESS = 1.0
 
 
 class PrefillLearner:
@@ -59,7 +63,7 @@ class PrefillLearner:
         predicted = self.predict(tokens)
         floor = max(0.1 * predicted, 1e-3)
         scale = max(self._scale if self._scale >= 0 else 0.5 * predicted, floor)
-        residual = min(max(seconds - predicted, -_CLIP * scale), _CLIP * scale)
+        residual = min(max(seconds - predicted, -_CLIP * scale), _CLIP_EXCESS * scale)
         self._scale = 0.9 * scale + 0.1 * abs(residual) if self._scale >= 0 else abs(residual)
         y = max(predicted + residual, 0.0)
         d = self._decay

@@ -118,6 +118,7 @@ class _Pending:
         "created",
         "endpoint_id",
         "keys",
+        "kv_full",
         "kv_prefix",
         "kv_tokens",
         "kv_wait",
@@ -135,7 +136,7 @@ class _Pending:
     def __init__(self, endpoint_id: str, work: float, queued: float, load: int, matched: int,
                  prompt_tokens: int, keys: PrefixKeys | None,
                  receipt: tuple[list[float | None], float] | None, created: float, lag: float,
-                 kv_tokens: float, kv_prefix: int | None, kv_wait: float) -> None:
+                 kv_tokens: float, kv_prefix: int | None, kv_wait: float, kv_full: bool) -> None:
         self.endpoint_id = endpoint_id
         self.work = work
         self.queued = queued
@@ -154,6 +155,7 @@ class _Pending:
         self.kv_tokens = kv_tokens
         self.kv_prefix = kv_prefix
         self.kv_wait = kv_wait
+        self.kv_full = kv_full
 
 
 class Router:
@@ -332,14 +334,19 @@ class Router:
         # eligible endpoint. Relative, because when the whole fleet is saturated no engine is
         # faster than another, and computing a prefix again elsewhere only adds work to every
         # queue: cache affinity is then worth the most, not the least.
+        # And only an endpoint carrying more than the mean load (per unit of weight): when a
+        # KV-bound fleet makes requests wait everywhere, a long queue on an endpoint with no
+        # more requests than the others is the fleet's state, not a hot spot, and a copy of
+        # its prefix elsewhere would only take KV room there.
         queue_limit = min(queues) + max_queue
         changed = False  # a row changed after its rank was computed
         if max(queues) > queue_limit:
             changed = True
             best_eligible_real = 0
+            mean_load = sum([row[_LOAD] for row in rows]) / sum([row[_VIEW].weight for row in rows])
             for i, row in enumerate(rows):
                 real = row[_REAL]
-                if row[_QUEUED] > queue_limit:
+                if row[_QUEUED] > queue_limit and row[_LOAD] > mean_load * row[_VIEW].weight:
                     extra = (row[_STATE].learner.per_token - per_cached) * real
                     rows[i] = (row[_VIEW], row[_STATE], row[_QUEUED], row[_LOAD], True, 0, 0,
                                row[_TTFT] + extra, row[_OWN_TTFT] + extra)
@@ -478,11 +485,14 @@ class Router:
         kv_tokens = 0.0
         kv_prefix = None
         kv_wait = 0.0
+        kv_full = False
         if kv_capacity:
             kv_tokens = private - real_matched
             kv_prefix = _prefix_key(keys, real_matched)
             kv = state.kv
-            kv_wait = kv.wait(kv.needed(kv_tokens, kv_prefix, real_matched), kv_capacity * view.weight)
+            needed = kv.needed(kv_tokens, kv_prefix, real_matched)
+            kv_wait = kv.wait(needed, kv_capacity * view.weight)
+            kv_full = kv.used + needed > kv_capacity * view.weight
             kv.hold(kv_tokens, kv_prefix, real_matched)
         state.recent = state.recent_count(now, window) + 1.0
         receipt = (self._index.record(view.id, keys)
@@ -490,7 +500,8 @@ class Router:
         handle = next(self._handles)
         self._pending[handle] = _Pending(view.id, work, backlog, winner[_LOAD], real_matched,
                                          prompt_tokens, keys, receipt, now,
-                                         max(0.0, winner[_QUEUED] - backlog), kv_tokens, kv_prefix, kv_wait)
+                                         max(0.0, winner[_QUEUED] - backlog), kv_tokens, kv_prefix, kv_wait,
+                                         kv_full)
         if len(self._pending) > cfg.max_pending:
             self._drop(next(iter(self._pending)))
         self._decisions[reason] += 1
@@ -549,14 +560,22 @@ class Router:
         if completion_tokens is not None and completion_tokens >= 0:
             self._mean_output += _OUTPUT_WEIGHT * (completion_tokens - self._mean_output)
         if state is not None:
-            state.kv.observe_lifetime(now - pending.created)
+            # How long the request held its KV blocks: from its admission (about its
+            # predicted prefill before its first byte) to its end. Not the time it waited
+            # for admission: counting that would feed the predicted wait back into itself.
+            held = now - pending.created
+            if pending.ttft is not None:
+                held = held - pending.ttft + min(pending.work, pending.ttft)
+            state.kv.observe_lifetime(held)
         total = prompt_tokens if prompt_tokens is not None and prompt_tokens > 0 else pending.prompt_tokens
         cached = (min(max(cached_tokens, 0), total) if cached_tokens is not None
                   else min(pending.matched, total))
-        if state is not None and pending.ttft is not None:
+        if state is not None and pending.ttft is not None and not pending.kv_full:
+            # A request that found the KV cache full teaches nothing about prefill speed: its
+            # TTFT is mostly its wait for room, and how long that was is only a guess.
             cfg = self._cfg
             prefill_seconds = (pending.ttft - pending.queued - cfg.running_request_cost * pending.load
-                               - self._cached_cost * cached - pending.kv_wait)
+                               - self._cached_cost * cached)
             state.learner.learn(total - cached, prefill_seconds)
         if cached_tokens is not None and self._index is not None and pending.keys is not None:
             if self._index.observe(pending.endpoint_id, pending.keys, cached_tokens,

@@ -125,3 +125,19 @@ def test_kv_wait_is_a_share_of_a_lifetime_once_the_cache_is_full() -> None:
     assert kv.wait(2000, 10_000) == 0.0  # fits
     assert kv.wait(4000, 10_000) == pytest.approx(6.0 * 2000 / 8000)  # a quarter of the holders must end
     assert kv.wait(50_000, 10_000) == 6.0  # at most everything here ends
+
+
+@pytest.mark.parametrize("waited_share", [0.1, 0.3, 0.4])
+def test_learner_follows_the_prefill_not_the_waits_on_top_of_it(waited_share: float) -> None:
+    # A saturated engine: many TTFTs carry a wait the queue did not predict (for KV room,
+    # behind the lane), never less than the prefill. The fit must stay near the prefill cost.
+    rnd = random.Random(7)
+    learner = PrefillLearner(per_token=1 / 8000, base=0.02, learning_rate=0.05)
+    for _ in range(600):
+        tokens = rnd.randrange(100, 4000)
+        ttft = (0.01 + tokens / 10_000) * rnd.uniform(0.95, 1.05)
+        if rnd.random() < waited_share:
+            ttft += rnd.uniform(0.5, 5.0)
+        learner.learn(tokens, ttft)
+    assert learner.predict(2000) == pytest.approx(0.01 + 2000 / 10_000, rel=0.15)
+    assert learner.per_token == pytest.approx(1 / 10_000, rel=0.15)

@@ -78,6 +78,25 @@ def test_a_saturated_fleet_keeps_cache_affinity() -> None:
     assert d.matched_tokens > 2800  # whole blocks of the 3000-token prompt
 
 
+@pytest.mark.parametrize(("others_in_flight", "expect"), [
+    (0, ("e1", "load")),      # the holder carries more than its share: the guard moves the request
+    (12, ("e0", "affinity")),  # every engine carries as much: its queue is not a hot spot
+])
+def test_the_queue_guard_fires_only_on_an_endpoint_above_the_mean_load(
+        others_in_flight: int, expect: tuple[str, str]) -> None:
+    # e0 holds the prefix and has 12 x 0.5 s queued (past the 5 s guard). When the others
+    # carry as many requests, that queue is the whole fleet's state (a KV-bound fleet waits
+    # everywhere): moving the request would only compute the prefix a second time.
+    router, prefix = _holding(3000)
+    for i in range(12):
+        router.decide([EndpointView("e0", max_in_flight=64)], _prompt(100 + i, 4000), None, None, now=1.0)
+    fleet = [EndpointView("e0", in_flight=12, max_in_flight=64)] + [
+        EndpointView(f"e{i}", in_flight=others_in_flight, max_in_flight=64) for i in (1, 2, 3)]
+    d = router.decide(fleet, prefix + _prompt(2, 50), None, None, now=1.0)
+    assert (d.endpoint_id, d.reason) == expect
+    assert (d.matched_tokens > 2800) is (expect[0] == "e0")
+
+
 @pytest.mark.parametrize(("holder_queue_requests", "duplicate_cost_factor", "expect_holder"), [
     (0, 0.0, True),   # cached prefix: ~2 s of prefill saved
     (1, 0.0, True),   # 0.5 s queued < 2 s saved
@@ -562,3 +581,39 @@ def test_endpoints_of_equal_weight_share_one_learned_cost() -> None:
     assert costs["a"].prefill_tokens_per_second == costs["b"].prefill_tokens_per_second
     assert costs["a"].samples == costs["b"].samples == 40
     assert costs["big"].samples == 0  # other hardware: its own prior
+
+
+@pytest.mark.parametrize(("kv_room", "teaches"), [(True, True), (False, False)])
+def test_a_request_that_found_the_kv_cache_full_does_not_teach_the_prefill_cost(
+        kv_room: bool, teaches: bool) -> None:
+    # Its TTFT is mostly a wait for KV room (here 3 s for 1000 tokens): learning it as prefill
+    # would make the engine look 20x slower and inflate every queue predicted there.
+    router = Router(RoutingConfig(hot_spread=False, session_affinity=False,
+                                  engine_kv_tokens=100_000 if kv_room else 3000))
+    e0 = EndpointView("e0", max_in_flight=64)
+    for i in range(2):  # two requests hold 2 x 1500 tokens of KV (nothing ends)
+        router.on_first_byte(router.decide([e0], _prompt(10 + i, 1500), None, None, now=0.0), 0.2)
+    d = router.decide([e0], _prompt(3, 1000), None, None, now=1.0)
+    router.on_first_byte(d, 3.0)
+    router.on_complete(d, cached_tokens=0, prompt_tokens=1000, now=6.0, completion_tokens=10)
+    learned = router.stats().endpoints[0]
+    assert (learned.samples == 1) is teaches
+    if not teaches:
+        assert learned.prefill_tokens_per_second == RoutingConfig().prefill_tokens_per_second
+
+
+def test_a_request_lifetime_on_the_kv_cache_leaves_out_its_wait_for_room() -> None:
+    # Decided at 0, first token at 4 s (it waited for room; ~0.15 s of prefill predicted),
+    # done at 9 s: it held its KV blocks ~5.15 s, not 9 s. Counting the wait would make the
+    # predicted wait of the next requests grow with every wait before them.
+    router = Router(RoutingConfig(hot_spread=False, session_affinity=False, engine_kv_tokens=2000))
+    e0 = EndpointView("e0", max_in_flight=64)
+    d = router.decide([e0], _prompt(1, 1000), None, None, now=0.0)
+    router.on_first_byte(d, 4.0)
+    router.on_complete(d, cached_tokens=0, prompt_tokens=1000, now=9.0, completion_tokens=10)
+    work = 0.02 + 1000 / 8000  # the prior: base latency + 1000 tokens at 8000 tokens/s
+    assert router._states["e0"].kv.lifetime == pytest.approx(9.0 - 4.0 + work)
+    # Without a first byte (a failed stream's end, a non-streamed reply) the whole time counts.
+    d = router.decide([e0], _prompt(2, 1000), None, None, now=10.0)
+    router.on_complete(d, cached_tokens=0, prompt_tokens=1000, now=13.0, completion_tokens=10)
+    assert router._states["e0"].kv.lifetime == pytest.approx(5.145 + 0.1 * (3.0 - 5.145))
