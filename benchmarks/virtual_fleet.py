@@ -19,7 +19,7 @@ Policies:
   (:func:`benchmarks.targets.routing_settings`), fed as the gateway feeds it: the local
   tokenizer's ids, an LMCache-style lookup (each engine's CPU tier, in whole 256-token
   chunks), in-flight counts, first-token and completion callbacks with the engine's
-  ``cached_tokens``;
+  ``cached_tokens``, and the compression of reused prefixes it asks for on a full engine;
 * ``oracle``: :class:`benchmarks.oracle.OracleRouter`, full knowledge of every engine;
 * ``sglang``: SGLang's ``cache_aware`` rule as its documentation gives it (prefix match per
   worker on an approximate tree of what was sent there, shortest queue on imbalance, the
@@ -50,7 +50,7 @@ import trio.testing
 from pixiu_kv.routing import Decision, EndpointView, Router, RoutingConfig, read_routing_config
 from pixiu_kv.sim.engine import SimEngine
 from pixiu_kv.sim.engine_config import EngineConfig
-from pixiu_kv.sim.lmcache_link import chunk_keys
+from pixiu_kv.sim.lmcache_link import LOCATION, chunk_keys
 from pixiu_kv.sim.openai_api import parse_chat, parse_completion
 from pixiu_kv.sim.prefix_cache import block_hashes
 from pixiu_kv.sim.tokenizer import detokenize
@@ -175,7 +175,10 @@ class _PixiuKv:
         d = self.router.decide(views, tokens, lookup, None, now)
         self.reasons[d.reason] = self.reasons.get(d.reason, 0) + 1
         assert d.endpoint_id is not None
-        return self._index[d.endpoint_id], d
+        index = self._index[d.endpoint_id]
+        if d.compress_tokens:  # what the kvcache filter asks LMCache for (compress_when_full)
+            self._fleet.engines[index].cpu_tier.compress(tokens[: d.compress_tokens], "zstd", LOCATION)
+        return index, d
 
     def first_token(self, handle: object, ttft: float) -> None:
         assert isinstance(handle, Decision)

@@ -190,6 +190,7 @@ enabled = true
 enabled = true
 engine_cache_tokens = {cache_tokens}
 engine_kv_tokens = {kv_tokens}
+compress_when_full = true
 [[http_filters.config.routing.tokenizers]]
 model = "{model}"
 path = "builtin:sim"

@@ -47,6 +47,12 @@ _HOT_BUSY = 0.25
 _HOT_WIDE = 2.0
 # Weight of each report in the moving average of output tokens per request.
 _OUTPUT_WEIGHT = 0.05
+# LMCache stores (and compresses) whole chunks of this many tokens.
+_LMCACHE_CHUNK = 256
+# Prefixes asked to be compressed lately, remembered per endpoint for ``hot_window``.
+_MAX_COMPRESSED = 4096
+# A prefix is compressed once its endpoint computed this share of its cache since its last use.
+_COMPRESS_AGE = 0.5
 
 
 def _prefix_key(keys: PrefixKeys | None, matched: int) -> int | None:
@@ -186,6 +192,8 @@ class Router:
         # Output tokens per request (a moving average of the engines' reports): part of what
         # a request holds in the KV cache until it ends.
         self._mean_output = 0.0
+        # (prefix key, endpoint) -> when the request to compress it there expires.
+        self._compressed: OrderedDict[tuple[int, str], float] = OrderedDict()
 
     @property
     def config(self) -> RoutingConfig:
@@ -506,11 +514,43 @@ class Router:
             self._drop(next(iter(self._pending)))
         self._decisions[reason] += 1
 
+        compress = (self._compress(view.id, keys, real_matched, receipt, now)
+                    if cfg.compress_when_full and real_matched >= _LMCACHE_CHUNK else 0)
         shown = tuple([(row[_VIEW].id, row[_TTFT], row[_EFFECTIVE], row[_LOAD], row[_OVERLOADED])
                        for row in [rows[r[3]] for r in order[:_SHOWN_COSTS]]])
         return Decision(endpoint_id=view.id, reason=reason, matched_tokens=real_matched,
                         prompt_tokens=prompt_tokens, reservation=handle, predicted_ttft=winner[_OWN_TTFT],
-                        cost_rows=shown)
+                        cost_rows=shown, compress_tokens=compress)
+
+    def _compress(self, endpoint_id: str, keys: PrefixKeys | None, matched: int,
+                  receipt: tuple[list[float | None], float] | None, now: float) -> int:
+        """Tokens of the prompt to compress on ``endpoint_id``: its cached prefix in whole
+        LMCache chunks, if the prefix is at risk there and was not asked to be compressed
+        there lately; else 0. At risk: since its last use the endpoint computed at least
+        half its cache's worth of other tokens (``receipt``: the index's stamps before this
+        decision; no stamp: older than the index remembers), so at that reuse distance the
+        next use would likely find it evicted."""
+        index = self._index
+        if index is None or keys is None or receipt is None:
+            return 0
+        tokens = matched // _LMCACHE_CHUNK * _LMCACHE_CHUNK
+        block = keys.block_at(tokens)
+        if block < 0:
+            return 0
+        prior, before = receipt
+        stamp = prior[block]
+        if stamp is not None and before - stamp < _COMPRESS_AGE * index.capacity(endpoint_id):
+            return 0
+        recent = self._compressed
+        while recent and next(iter(recent.values())) <= now:
+            recent.popitem(last=False)
+        memo = (keys.keys[block], endpoint_id)
+        if memo in recent:
+            return 0
+        recent[memo] = now + self._cfg.hot_window  # one TTL for all: insertion order = expiry order
+        if len(recent) > _MAX_COMPRESSED:
+            recent.popitem(last=False)
+        return tokens
 
     def _pressed(self, rows: list[_Row], row_of: Mapping[str, int], kept: Sequence[str],
                  matched: Mapping[str, int], hot_tokens: int) -> bool:

@@ -64,6 +64,9 @@ class Decision:
     # (endpoint id, predicted ttft, matched tokens, load, overloaded) of the cheapest few,
     # kept raw: building value objects for every decision would cost more than the decision.
     cost_rows: tuple[tuple[str, float, int, int, bool], ...] = attrs.field(default=(), repr=False)
+    # ``compress_when_full``: the prompt's first this many tokens (whole LMCache chunks) are
+    # cached on the endpoint, whose cache is full: compress them there (0: nothing to do).
+    compress_tokens: int = 0
 
     @property
     def costs(self) -> tuple[CostLine, ...]:

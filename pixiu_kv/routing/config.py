@@ -89,6 +89,12 @@ class RoutingConfig:
       keeps its cache affinity).
     * ``hot_spread``: a prefix whose share of traffic exceeds ``hot_threshold`` of one
       endpoint's fair share is placed on more endpoints (one more per threshold's worth).
+    * ``compress_when_full``: when a request is sent where its prefix is cached (at least one
+      LMCache chunk) and, since the prefix's last use, that endpoint computed at least half
+      its cache's worth of other tokens (``engine_cache_tokens``, else its learned
+      capacity), the kvcache filter asks LMCache to compress the prefix there, once per
+      prefix and endpoint per ``hot_window``: a prefix reused at that distance would likely
+      be evicted before its next use; compressed it takes less room.
     * ``session_affinity``: without any cache signal, requests with the same session key (the
       ``session_header`` header, else the body's ``user``) go to the same endpoint by
       consistent hashing, bounded to ``session_load_factor`` x the mean load.
@@ -131,6 +137,10 @@ class RoutingConfig:
     hot_min_requests: float = attrs.field(default=8.0, validator=_positive)
     hot_min_tokens: int = attrs.field(default=256, validator=_positive)
     max_hot_prefixes: int = attrs.field(default=64, validator=_positive)
+
+    # Compress a reused prefix at risk of eviction where it is cached (LMCache /compress with
+    # cache_strategy.compress_method and compress_location).
+    compress_when_full: bool = False
 
     session_affinity: bool = True
     session_header: str = "x-session-id"
@@ -189,6 +199,7 @@ def read_routing_config(t: Table) -> RoutingConfig:
         hot_min_requests=t.number("hot_min_requests", d.hot_min_requests),
         hot_min_tokens=t.integer("hot_min_tokens", d.hot_min_tokens, minimum=1),
         max_hot_prefixes=t.integer("max_hot_prefixes", d.max_hot_prefixes, minimum=1),
+        compress_when_full=t.flag("compress_when_full", d.compress_when_full),
         session_affinity=t.flag("session_affinity", d.session_affinity),
         session_header=t.text("session_header", d.session_header).lower(),
         session_load_factor=t.number("session_load_factor", d.session_load_factor),

@@ -12,18 +12,22 @@ request's background scope, releases the decision when that scope ends without `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 import trio
 
 from ..context import RequestContext
+from ._blocks import PrefixKeys
 from ._request import RoutingInput
 from ._router import Router
 from ._types import Decision, EndpointView
 from .usage import UsageScanner
 
-__all__ = ["ROUTING_HOOK_KEY", "EndpointState", "RoutingHook"]
+__all__ = ["ROUTING_HOOK_KEY", "Compressor", "EndpointState", "RoutingHook"]
+
+Compressor = Callable[[Sequence[int], str], Awaitable[Any]]
+"""Compresses a prompt prefix (its token ids) on an instance through LMCache."""
 
 ROUTING_HOOK_KEY = "pixiu_kv.routing.hook"
 
@@ -53,13 +57,16 @@ class EndpointState(Protocol):
 
 
 class RoutingHook:
-    __slots__ = ("_body_seen", "_ctx", "_decided_at", "_finished", "_input", "_router", "_scanner",
-                 "_scope", "_serving", "_stream", "decision")
+    __slots__ = ("_body_seen", "_compressor", "_ctx", "_decided", "_decided_at", "_finished", "_input",
+                 "_router", "_scanner", "_scope", "_serving", "_stream", "decision")
 
-    def __init__(self, router: Router, routing_input: RoutingInput, ctx: RequestContext) -> None:
+    def __init__(self, router: Router, routing_input: RoutingInput, ctx: RequestContext,
+                 compressor: Compressor | None = None) -> None:
         self._router = router
         self._input = routing_input
         self._ctx = ctx
+        self._compressor = compressor
+        self._decided = trio.Event()
         body = ctx.json
         # Only a stream's first byte is its first token; a plain response comes whole.
         self._stream = isinstance(body, dict) and body.get("stream") is True
@@ -82,6 +89,7 @@ class RoutingHook:
         decision = self._router.decide(views, inp.tokens, inp.lookup, inp.session_key, now)
         self.decision = decision
         self._decided_at = now
+        self._decided.set()
         self._ctx.route_hint = decision.route_hint()
         if decision.endpoint_id is not None:
             self._ctx.preferred_endpoint_id = decision.endpoint_id
@@ -117,10 +125,19 @@ class RoutingHook:
             self._scope.cancel()
 
     async def watch(self) -> None:
-        """Run in the request's background scope: a request that ends without ``done`` failed."""
+        """Run in the request's background scope: a request that ends without ``done`` failed.
+        A decision that asks for its prefix to be compressed gets the call here too."""
         with trio.CancelScope() as scope:
             self._scope = scope
             try:
+                await self._decided.wait()
+                d = self.decision
+                tokens = self._input.tokens
+                if (self._compressor is not None and d is not None and d.compress_tokens
+                        and d.endpoint_id is not None and tokens is not None):
+                    ids = tokens.tokens if isinstance(tokens, PrefixKeys) else tokens
+                    await self._ctx.background.start_soon(self._compressor, ids[: d.compress_tokens],
+                                                          d.endpoint_id)
                 await trio.sleep_forever()
             finally:
                 if not self._finished:

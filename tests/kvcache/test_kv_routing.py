@@ -11,6 +11,7 @@ from test_kv_gateway import LONG, MODEL, complete, settle, stack
 from pixiu_kv.filters.kvcache import KvCacheFilter
 from pixiu_kv.routing import EndpointView, Router
 from pixiu_kv.sim import tokenizer as sim_tokenizer
+from pixiu_kv.sim.lmcache_link import chunk_keys
 
 ROUTING = """
 [http_filters.config.routing]
@@ -116,3 +117,26 @@ async def test_hot_prefix_placements_are_pinned_once_on_each_replica() -> None:
         assert await kv_filter.kv.pin_hot_prefixes() == 0  # all pinned: nothing to do
         tier = fleet.by_id(engine).engine.cpu_tier
         assert any(tier.is_pinned(key) for key in tier.keys())
+
+
+async def test_a_reused_prefix_on_a_full_engine_is_compressed_there() -> None:
+    # A 256-token cache: the first request fills it, so the next one that finds its prefix
+    # cached there asks LMCache to compress it on that engine (whole chunks, once).
+    config = ROUTING.replace("enabled = true\n", "enabled = true\ncompress_when_full = true\n"
+                             "engine_cache_tokens = 256\n", 1)
+    async with stack(config) as (fleet, _gw, kv_filter, http):
+        assert fleet.controller is not None
+        engine, _, _ = await complete(http, LONG)
+        await settle(kv_filter, 1)
+        assert fleet.controller.request_count("/compress") == 0  # first sight: nothing reused
+        tier = fleet.by_id(engine).engine.cpu_tier
+        assert tier.keys() and not any(tier.is_compressed(key) for key in tier.keys())
+        for n, prompt in enumerate((LONG + " one more question", LONG + " and another"), 2):
+            again, route, cached = await complete(http, prompt)
+            assert again == engine and "reason=cache" in route and cached > 0
+            await settle(kv_filter, n)
+        await wait_until(lambda: fleet.controller is not None
+                         and fleet.controller.request_count("/compress") == 1)
+        prefix_chunks = chunk_keys(sim_tokenizer.tokenize_prompt(LONG), 256)
+        assert prefix_chunks and all(key in tier and tier.is_compressed(key) for key in prefix_chunks)
+        assert kv_filter.kv.stats.actions["compress"]["ok"] == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 import trio
 import trio.testing
@@ -76,3 +78,26 @@ async def test_done_ends_the_watcher(nursery: trio.Nursery) -> None:
         hook.done("e0", trio.current_time())
     # The nursery closed on its own: the watcher was cancelled by done().
     assert router.stats().pending == 0
+
+
+async def test_a_decision_to_compress_calls_the_compressor_in_the_background(nursery: trio.Nursery) -> None:
+    router = Router(RoutingConfig(hot_spread=False, session_affinity=False, compress_when_full=True,
+                                  engine_cache_tokens=1000))
+    prefix = list(range(5000, 5600))
+    assert router.index is not None
+    router.index.record("e0", list(range(9000, 11000)))  # 2000 tokens computed: e0 is full
+    calls: list[tuple[list[int], str]] = []
+
+    async def compressor(ids: Sequence[int], instance_id: str) -> None:
+        calls.append((list(ids), instance_id))
+
+    hook = RoutingHook(router, RoutingInput(tokens=[*prefix, 1, 2, 3], lookup={"e0": 600}),
+                       _ctx(nursery, stream=False), compressor)
+    async with trio.open_nursery() as request_scope:
+        request_scope.start_soon(hook.watch)
+        await trio.testing.wait_all_tasks_blocked()
+        d = hook.choose([_Endpoint("e0"), _Endpoint("e1")], trio.current_time())
+        assert (d.endpoint_id, d.compress_tokens) == ("e0", 512)
+        await trio.testing.wait_all_tasks_blocked()
+        hook.done("e0", trio.current_time())
+    assert calls == [(prefix[:512], "e0")]

@@ -15,9 +15,10 @@ is bounded by ``request_timeout``; cancelling the spawning scope cancels them at
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -132,6 +133,18 @@ class KvCache:
             self._hot_pinned.add(target)
             pinned += 1
         return pinned
+
+    async def compress_prefix(self, ids: Sequence[int], instance_id: str) -> None:
+        """Compress a prompt prefix (whole LMCache chunks) on ``instance_id``: the router asked
+        for it (``routing.compress_when_full``). Best effort, with the background deadline;
+        counted in the ``compress`` action stats. Logs sizes and hashes only."""
+        strategy = self.config.cache_strategy
+        tokens = TokenSeq.from_ids(ids)
+        key = "prefix:" + hashlib.blake2b(tokens.json, digest_size=8).hexdigest()
+        now = trio.current_time()
+        action = Action("compress", instance_id, strategy.compress_location or DEFAULT_LOCATION,
+                        strategy.compress_method)
+        await self._actions.run(action, tokens, key, now, now + self.config.request_timeout)
 
     @property
     def stats(self) -> KvCacheStats:

@@ -61,7 +61,8 @@ class KvCacheFilter:
             # The router decides when the proxy picks (fresh endpoint state), through a hook.
             session = session_key_of(ctx.headers, ctx.json, decider.config.session_header)
             inp = routing_input or RoutingInput()
-            hook = RoutingHook(decider, attrs.evolve(inp, session_key=session), ctx)
+            compressor = self.kv.compress_prefix if decider.config.compress_when_full else None
+            hook = RoutingHook(decider, attrs.evolve(inp, session_key=session), ctx, compressor)
             ctx.values[ROUTING_HOOK_KEY] = hook
             await ctx.background.start_soon(hook.watch)
 
