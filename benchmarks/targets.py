@@ -144,7 +144,8 @@ def routing_settings(model: str, engine: dict[str, Any]) -> dict[str, Any]:
     through to the CPU tier, so the two hold mostly the same prefixes and their sum would
     overstate what an engine keeps), its GPU KV size (what it admits running requests
     into), the tier's load bandwidth, and the cost priors at the fleet's speed (the
-    simulated hardware runs ``speed`` times faster than the defaults assume).
+    simulated hardware runs ``speed`` times faster than the defaults assume). Reused
+    prefixes are compressed where they are cached once an engine's cache is full.
     """
     speed = float(engine.get("speed", 1.0))
     return {
@@ -160,6 +161,7 @@ def routing_settings(model: str, engine: dict[str, Any]) -> dict[str, Any]:
         # The overload guard's queue limit is a time too: the default 5 s, at the fleet's speed.
         "overload_queue_time": f"{5.0 / speed:.3f}s",
         "running_request_cost": f"{2.0 / speed:.3f}ms",
+        "compress_when_full": True,
         "tokenizers": [{"model": model, "path": "builtin:sim"}],
     }
 
@@ -193,7 +195,10 @@ def gateway_config(target: str, engines: Sequence[tuple[str, str]], controller_u
         if target == "pixiu-kv" and routing is not None and _kvcache_has_routing():
             kv["routing"] = routing
         filters.append({"name": "dgp.filter.ai.kvcache", "config": kv})
-    filters.append({"name": "dgp.filter.llm.proxy", "config": {}})
+    # A saturated benchmark fleet can keep a stream silent (waiting for KV room) or its head
+    # unsent for minutes at slow --speed: the gateway waits as long as the load generator.
+    filters.append({"name": "dgp.filter.llm.proxy",
+                    "config": {"first_byte_timeout": "900s", "idle_timeout": "900s"}})
     return {
         "listener": {"host": "127.0.0.1", "port": 0, "max_concurrent_requests": 8192},
         "log": {"level": "warning"},
