@@ -51,8 +51,6 @@ _OUTPUT_WEIGHT = 0.05
 _LMCACHE_CHUNK = 256
 # Prefixes asked to be compressed lately, remembered per endpoint for ``hot_window``.
 _MAX_COMPRESSED = 4096
-# A prefix is compressed once its endpoint computed this share of its cache since its last use.
-_COMPRESS_AGE = 0.5
 
 
 def _prefix_key(keys: PrefixKeys | None, matched: int) -> int | None:
@@ -514,7 +512,7 @@ class Router:
             self._drop(next(iter(self._pending)))
         self._decisions[reason] += 1
 
-        compress = (self._compress(view.id, keys, real_matched, receipt, now)
+        compress = (self._compress(view.id, keys, real_matched, now)
                     if cfg.compress_when_full and real_matched >= _LMCACHE_CHUNK else 0)
         shown = tuple([(row[_VIEW].id, row[_TTFT], row[_EFFECTIVE], row[_LOAD], row[_OVERLOADED])
                        for row in [rows[r[3]] for r in order[:_SHOWN_COSTS]]])
@@ -522,24 +520,18 @@ class Router:
                         prompt_tokens=prompt_tokens, reservation=handle, predicted_ttft=winner[_OWN_TTFT],
                         cost_rows=shown, compress_tokens=compress)
 
-    def _compress(self, endpoint_id: str, keys: PrefixKeys | None, matched: int,
-                  receipt: tuple[list[float | None], float] | None, now: float) -> int:
+    def _compress(self, endpoint_id: str, keys: PrefixKeys | None, matched: int, now: float) -> int:
         """Tokens of the prompt to compress on ``endpoint_id``: its cached prefix in whole
-        LMCache chunks, if the prefix is at risk there and was not asked to be compressed
-        there lately; else 0. At risk: since its last use the endpoint computed at least
-        half its cache's worth of other tokens (``receipt``: the index's stamps before this
-        decision; no stamp: older than the index remembers), so at that reuse distance the
-        next use would likely find it evicted."""
+        LMCache chunks, if that endpoint's cache is full (it has computed more tokens than
+        its cache holds, so it evicts) and the prefix was not asked to be compressed there
+        lately; else 0. The prefix is being reused, the kind worth keeping: compressed, it
+        takes less room, and more reused prefixes stay cached."""
         index = self._index
-        if index is None or keys is None or receipt is None:
+        if index is None or keys is None or index.inserted(endpoint_id) <= index.capacity(endpoint_id):
             return 0
         tokens = matched // _LMCACHE_CHUNK * _LMCACHE_CHUNK
         block = keys.block_at(tokens)
         if block < 0:
-            return 0
-        prior, before = receipt
-        stamp = prior[block]
-        if stamp is not None and before - stamp < _COMPRESS_AGE * index.capacity(endpoint_id):
             return 0
         recent = self._compressed
         while recent and next(iter(recent.values())) <= now:

@@ -90,11 +90,10 @@ class RoutingConfig:
     * ``hot_spread``: a prefix whose share of traffic exceeds ``hot_threshold`` of one
       endpoint's fair share is placed on more endpoints (one more per threshold's worth).
     * ``compress_when_full``: when a request is sent where its prefix is cached (at least one
-      LMCache chunk) and, since the prefix's last use, that endpoint computed at least half
-      its cache's worth of other tokens (``engine_cache_tokens``, else its learned
-      capacity), the kvcache filter asks LMCache to compress the prefix there, once per
-      prefix and endpoint per ``hot_window``: a prefix reused at that distance would likely
-      be evicted before its next use; compressed it takes less room.
+      LMCache chunk) and that endpoint has computed more tokens than its cache holds
+      (``engine_cache_tokens``, else its learned capacity: it evicts), the kvcache filter
+      asks LMCache to compress the prefix there, once per prefix and endpoint per
+      ``hot_window``: a reused prefix then takes less room and more of them stay cached.
     * ``session_affinity``: without any cache signal, requests with the same session key (the
       ``session_header`` header, else the body's ``user``) go to the same endpoint by
       consistent hashing, bounded to ``session_load_factor`` x the mean load.
@@ -138,8 +137,8 @@ class RoutingConfig:
     hot_min_tokens: int = attrs.field(default=256, validator=_positive)
     max_hot_prefixes: int = attrs.field(default=64, validator=_positive)
 
-    # Compress a reused prefix at risk of eviction where it is cached (LMCache /compress with
-    # cache_strategy.compress_method and compress_location).
+    # Compress a reused prefix where it is cached once that engine's cache is full (LMCache
+    # /compress with cache_strategy.compress_method and compress_location).
     compress_when_full: bool = False
 
     session_affinity: bool = True
