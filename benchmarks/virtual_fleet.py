@@ -4,8 +4,8 @@
         --cache-fraction 1.5 [--policies round-robin,pixiu-kv,oracle,sglang] [--lookup-loss 0.3]
 
 The engines are the simulator's own schedulers (:class:`pixiu_kv.sim.engine.SimEngine`: GPU
-prefix cache with KV-bound admission, LMCache CPU tier, prefill lane, lockstep decode),
-driven directly without HTTP on trio's autojump clock: a saturated run of a thousand
+prefix cache with KV-bound admission, LMCache CPU tier, chunked prefill sharing the lockstep
+decode's steps), driven directly without HTTP on trio's autojump clock: a saturated run of a thousand
 requests takes seconds of CPU and is the same every time. What it leaves out is the
 machine: no gateway CPU, no network, lookups that always answer in time (unless
 ``--lookup-loss`` drops a share of them, as a loaded gateway's 50 ms budget does). So it
@@ -398,7 +398,10 @@ def _run_job(spec: WorkloadSpec, seed: int, name: str, engines: int, cache_fract
     """One run, in its own process: the fleet plan as a header, and the outcome's line."""
     workload = build_workload(spec, seed=seed)
     plan = plan_fleet(spec, engines=engines, cache_fraction=cache_fraction, speed=1.0)
-    rate = rate if rate is not None else plan.rate
+    if rate is None:
+        # The plan's rate is in requests per second; sessions arrive at it / turns per session
+        # (as in ``python -m benchmarks``).
+        rate = plan.rate * max(1, len(workload.sessions)) / max(1, workload.request_count)
     out = run_policy(name, workload, plan, mode=mode, concurrency=concurrency, rate=rate, duration=duration,
                      seed=seed, lookup_loss=lookup_loss, overrides=overrides)
     header = (f"rate={rate:.2f} cache_fraction={plan.cache_fraction} gpu={plan.gpu_kv_tokens} "
@@ -413,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default="round-robin,pixiu-kv,oracle,sglang")
     ap.add_argument("--mode", choices=("open", "closed"), default="closed")
     ap.add_argument("--concurrency", type=int, default=160)
-    ap.add_argument("--rate", type=float, default=None, help="open loop: sessions/s (default: the plan's)")
+    ap.add_argument("--rate", type=float, default=None, help="open loop: sessions/s (default: the plan's request rate / turns per session)")
     ap.add_argument("--duration", type=float, default=math.inf,
                     help="no session starts after this (virtual seconds)")
     ap.add_argument("--engines", type=int, default=4)
