@@ -85,8 +85,8 @@ class RoutingConfig:
       its blocks stay allocated through the decode); 0 leaves it to the cost.
     * ``overload_*``: an endpoint at ``overload_in_flight_ratio`` of its ``max_in_flight`` or
       with more than ``overload_queue_time`` of predicted queued prefill beyond the least
-      queued eligible endpoint gets no cache credit (relative: a uniformly saturated fleet
-      keeps its cache affinity).
+      queued eligible endpoint and more than the mean load per unit of weight gets no cache
+      credit (relative: a uniformly saturated fleet keeps its cache affinity).
     * ``hot_spread``: a prefix whose share of traffic exceeds ``hot_threshold`` of one
       endpoint's fair share is placed on more endpoints (one more per threshold's worth).
     * ``compress_when_full``: when a request is sent where its prefix is cached (at least one
