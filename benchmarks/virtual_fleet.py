@@ -416,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default="round-robin,pixiu-kv,oracle,sglang")
     ap.add_argument("--mode", choices=("open", "closed"), default="closed")
     ap.add_argument("--concurrency", type=int, default=160)
-    ap.add_argument("--rate", type=float, default=None, help="open loop: sessions/s (default: the plan's request rate / turns per session)")
+    ap.add_argument("--rate", type=float, default=None,
+                    help="open loop: sessions/s (default: the plan's request rate / turns per session)")
     ap.add_argument("--duration", type=float, default=math.inf,
                     help="no session starts after this (virtual seconds)")
     ap.add_argument("--engines", type=int, default=4)
