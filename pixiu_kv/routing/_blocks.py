@@ -20,7 +20,10 @@ from collections.abc import Sequence
 
 import attrs
 
-__all__ = ["BlockSchedule", "PrefixKeys"]
+__all__ = ["LMCACHE_CHUNK", "BlockSchedule", "PrefixKeys"]
+
+LMCACHE_CHUNK = 256
+"""LMCache stores, pins and compresses whole chunks of this many tokens."""
 
 # A block is doubled once the position reaches this many blocks of its current size.
 _FINE_BLOCKS = 32

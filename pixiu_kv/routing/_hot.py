@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
+from ._blocks import LMCACHE_CHUNK
+
 __all__ = ["HotPlacement", "HotPrefixes"]
 
 
@@ -33,7 +35,7 @@ class HotPlacement:
     def length(self) -> int:
         return len(self.tokens)
 
-    def chunk_aligned(self, chunk_size: int = 256) -> tuple[int, ...]:
+    def chunk_aligned(self, chunk_size: int = LMCACHE_CHUNK) -> tuple[int, ...]:
         """The prefix cut to whole LMCache chunks (only whole chunks are stored or pinned)."""
         return self.tokens[: len(self.tokens) // chunk_size * chunk_size]
 

@@ -25,7 +25,7 @@ from typing import Final
 
 import attrs
 
-from ._blocks import BlockSchedule, PrefixKeys
+from ._blocks import LMCACHE_CHUNK, BlockSchedule, PrefixKeys
 from ._cost import KvOccupancy, PredictionLag, PrefillLearner, PrefillQueue, queued_seconds
 from ._hot import HotPlacement, HotPrefixes
 from ._prefix_index import PrefixIndex
@@ -47,10 +47,13 @@ _HOT_BUSY = 0.25
 _HOT_WIDE = 2.0
 # Weight of each report in the moving average of output tokens per request.
 _OUTPUT_WEIGHT = 0.05
-# LMCache stores (and compresses) whole chunks of this many tokens.
-_LMCACHE_CHUNK = 256
 # Prefixes asked to be compressed lately, remembered per endpoint for ``hot_window``.
 _MAX_COMPRESSED = 4096
+
+
+def _load_per_weight(rows: Sequence[_Row]) -> float:
+    """The eligible endpoints' mean load per unit of weight (in flight, or routed and not done)."""
+    return sum([row[_LOAD] for row in rows]) / sum([row[_VIEW].weight for row in rows])
 
 
 def _prefix_key(keys: PrefixKeys | None, matched: int) -> int | None:
@@ -349,7 +352,7 @@ class Router:
         if max(queues) > queue_limit:
             changed = True
             best_eligible_real = 0
-            mean_load = sum([row[_LOAD] for row in rows]) / sum([row[_VIEW].weight for row in rows])
+            mean_load = _load_per_weight(rows)
             for i, row in enumerate(rows):
                 real = row[_REAL]
                 if row[_QUEUED] > queue_limit and row[_LOAD] > mean_load * row[_VIEW].weight:
@@ -451,7 +454,7 @@ class Router:
             # cost differences spreads a prefix's requests over every engine, each paying
             # those blocks again (measured: `benchmarks.virtual_fleet`, docs/routing.md).
             # Per unit of weight: an endpoint of weight 2 is two endpoints' worth of hardware.
-            per_weight = bound * sum([row[_LOAD] for row in rows]) / sum([row[_VIEW].weight for row in rows])
+            per_weight = bound * _load_per_weight(rows)
             for r in order:
                 row = rows[r[3]]
                 if row[_REAL] >= best_eligible_real and row[_LOAD] <= per_weight * row[_VIEW].weight + 1.0:
@@ -513,7 +516,7 @@ class Router:
         self._decisions[reason] += 1
 
         compress = (self._compress(view.id, keys, real_matched, now)
-                    if cfg.compress_when_full and real_matched >= _LMCACHE_CHUNK else 0)
+                    if cfg.compress_when_full and real_matched >= LMCACHE_CHUNK else 0)
         shown = tuple([(row[_VIEW].id, row[_TTFT], row[_EFFECTIVE], row[_LOAD], row[_OVERLOADED])
                        for row in [rows[r[3]] for r in order[:_SHOWN_COSTS]]])
         return Decision(endpoint_id=view.id, reason=reason, matched_tokens=real_matched,
@@ -529,7 +532,7 @@ class Router:
         index = self._index
         if index is None or keys is None or index.inserted(endpoint_id) <= index.capacity(endpoint_id):
             return 0
-        tokens = matched // _LMCACHE_CHUNK * _LMCACHE_CHUNK
+        tokens = matched // LMCACHE_CHUNK * LMCACHE_CHUNK
         block = keys.block_at(tokens)
         if block < 0:
             return 0
