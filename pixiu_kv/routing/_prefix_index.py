@@ -1,4 +1,4 @@
-"""Which prompt prefixes each endpoint is believed to hold: a bounded LRU of block keys.
+"""Which prompt prefixes each endpoint is believed to hold: per endpoint, block key -> stamp.
 
 The index is what this gateway *knows it sent*: every routed prompt is recorded on its
 endpoint at decision time (so the next request of a burst already sees it), and engines'
@@ -13,29 +13,36 @@ capacity is learned from the engines' reports: a block the engine lacked bounds 
 above, a block it still had bounds it from below (see :meth:`PrefixIndex.observe`).
 Unknown capacity = unbounded.
 
+The stamp is also the entry's recency, so no separate LRU order is kept: ``record`` is one
+read and one write per block, both looped in C (``map`` and ``dict.update``), and the bound on
+entries is kept by compaction (the endpoint holding the most entries loses its stalest
+half; see :meth:`PrefixIndex._compact`).
+
 Invariant: each endpoint's set of held blocks is *prefix-closed* (holding a block implies
-holding every block before it). ``record`` touches blocks deepest first and stamps a whole
-prompt alike, so a prefix is always at least as recent as any of its extensions, in the
-LRU order and in stamps; eviction by either drops extensions before their prefixes. Thanks
-to it ``match`` finds an endpoint's depth by binary search: O(log blocks) lookups per
-holder instead of a walk over every block.
+holding every block before it). ``record`` stamps a whole prompt alike, so a prefix's stamp
+is never older than any of its extensions'; expiry (the capacity) and compaction both drop
+the oldest stamps first, so they drop extensions before their prefixes. Thanks to it
+``match`` finds an endpoint's depth by binary search: O(log blocks) lookups per holder
+instead of a walk over every block.
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
+from itertools import repeat
 
 from ._blocks import BlockSchedule, PrefixKeys
 
 __all__ = ["PrefixIndex"]
 
 _UNKNOWN = math.inf
+# Compaction removes at least this share of the largest endpoint's entries (its stalest).
+_COMPACT_SHARE = 0.5
 
 
 class PrefixIndex:
-    """Bounded map: block key -> {endpoint id: insertion stamp}.
+    """Bounded map: endpoint id -> {block key: insertion stamp}.
 
     * ``match(tokens)`` -> {endpoint id: matched tokens} (only endpoints matching > 0).
     * ``record(endpoint, tokens)`` -> the endpoint now holds the prompt's blocks.
@@ -43,11 +50,12 @@ class PrefixIndex:
     * ``forget(endpoint)`` -> the endpoint lost everything (restart, removal).
 
     ``tokens`` may be token ids or their :class:`PrefixKeys` (computed once, reused).
+    ``len(index)`` counts (endpoint, block) entries, bounded by ``max_entries``.
     ``lookups`` counts dictionary probes, so tests can check the cost without timing.
     """
 
-    __slots__ = ("_capacity", "_default_capacity", "_entries", "_inserted", "_max_entries",
-                 "_schedule", "lookups")
+    __slots__ = ("_capacity", "_default_capacity", "_held", "_inserted", "_max_entries",
+                 "_schedule", "_size", "lookups")
 
     def __init__(self, max_entries: int, schedule: BlockSchedule | None = None,
                  engine_cache_tokens: float = _UNKNOWN) -> None:
@@ -56,13 +64,14 @@ class PrefixIndex:
         self._max_entries = max_entries
         self._schedule = schedule or BlockSchedule()
         self._default_capacity = engine_cache_tokens
-        self._entries: OrderedDict[int, dict[str, float]] = OrderedDict()
+        self._held: dict[str, dict[int, float]] = {}
+        self._size = 0
         self._inserted: dict[str, float] = {}
         self._capacity: dict[str, float] = {}
         self.lookups = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._size
 
     @property
     def schedule(self) -> BlockSchedule:
@@ -91,34 +100,50 @@ class PrefixIndex:
         keys = pk.keys
         if not keys:
             return {}
-        entries = self._entries
-        self.lookups += 1
-        first = entries.get(keys[0])
-        if first is None:
-            return {}
         matched: dict[str, int] = {}
+        first = keys[0]
         last = len(keys) - 1
-        get = entries.get
         inserted = self._inserted
         capacity = self._capacity
         default = self._default_capacity
         probes = 0
-        for endpoint_id, stamp in first.items():
+        # The depth found for the previous holder: holders of a shared prefix mostly hold
+        # it to the same depth, which two probes confirm (a binary search takes log2(blocks)).
+        hint = -1
+        for endpoint_id, held in self._held.items():
+            probes += 1
+            stamp = held.get(first)
+            if stamp is None:
+                continue
             cutoff = inserted.get(endpoint_id, 0.0) - capacity.get(endpoint_id, default)  # _cutoff
             if stamp < cutoff:
                 continue
             # Largest block index the endpoint holds; block lo is known held.
             lo, hi = 0, last
+            if hint > 0:
+                probes += 1
+                stamp = held.get(keys[hint])
+                if stamp is not None and stamp >= cutoff:
+                    lo = hint
+                    if hint < last:
+                        probes += 1
+                        stamp = held.get(keys[hint + 1])
+                        if stamp is None or stamp < cutoff:
+                            hi = hint
+                        else:
+                            lo = hint + 1
+                else:
+                    hi = hint - 1
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 probes += 1
-                entry = get(keys[mid])
-                held = entry.get(endpoint_id) if entry is not None else None
-                if held is not None and held >= cutoff:
+                stamp = held.get(keys[mid])
+                if stamp is not None and stamp >= cutoff:
                     lo = mid
                 else:
                     hi = mid - 1
             matched[endpoint_id] = pk.ends[lo]
+            hint = lo
         self.lookups += probes
         return matched
 
@@ -126,11 +151,10 @@ class PrefixIndex:
         """The endpoint's current stamp of each block of the prompt (None: no entry)."""
         pk = self.keys(tokens)
         self.lookups += len(pk.keys)
-        out: list[float | None] = []
-        for key in pk.keys:
-            entry = self._entries.get(key)
-            out.append(entry.get(endpoint_id) if entry is not None else None)
-        return out
+        held = self._held.get(endpoint_id)
+        if held is None:
+            return [None] * len(pk.keys)
+        return list(map(held.get, pk.keys))
 
     def held_depth(self, endpoint_id: str, stamps: Sequence[float | None],
                    inserted: float | None = None) -> int:
@@ -156,38 +180,58 @@ class PrefixIndex:
         """
         pk = self.keys(tokens)
         keys = pk.keys
-        entries = self._entries
+        held = self._held.get(endpoint_id)
+        if held is None:
+            held = self._held[endpoint_id] = {}
         before = self._inserted.get(endpoint_id, 0.0)
-        cutoff = before - self._capacity.get(endpoint_id, self._default_capacity)
-        get = entries.get
-        move_to_end = entries.move_to_end
-        prior: list[float | None] = []
-        append = prior.append
-        # Deepest first: a prefix must end up at least as recent as its extensions.
-        for key in reversed(keys):
-            entry = get(key)
-            if entry is None:
-                entries[key] = {endpoint_id: before}
-                append(None)
-            else:
-                move_to_end(key)
-                append(entry.get(endpoint_id))
-                entry[endpoint_id] = before
-        prior.reverse()
+        prior: list[float | None] = list(map(held.get, keys))
+        # One stamp for the whole prompt: its prefixes are as recent as its extensions.
+        held.update(zip(keys, repeat(before)))
         self.lookups += len(keys)
+        self._size += prior.count(None)
         # The endpoint's holdings are prefix-closed: when it held the deepest block it held
-        # them all; otherwise the first block it lacked is found from the front.
+        # them all; otherwise the first block it lacked is found by binary search (along a
+        # prompt, stamps never grow and missing entries are a tail).
+        cutoff = before - self._capacity.get(endpoint_id, self._default_capacity)
         deepest = prior[-1] if prior else before
         if deepest is None or deepest < cutoff:
-            missing = 0
-            for stamp in prior:
+            lo, hi = 0, len(prior) - 1  # the first block lacked is in [lo, hi]
+            while lo < hi:
+                mid = (lo + hi) // 2
+                stamp = prior[mid]
                 if stamp is None or stamp < cutoff:
-                    break
-                missing += 1
-            self._inserted[endpoint_id] = before + pk.ends[-1] - (pk.ends[missing - 1] if missing else 0)
-        while len(entries) > self._max_entries:
-            entries.popitem(last=False)
+                    hi = mid
+                else:
+                    lo = mid + 1
+            self._inserted[endpoint_id] = before + pk.ends[-1] - (pk.ends[lo - 1] if lo else 0)
+        if self._size > self._max_entries:
+            self._compact()
         return prior, before
+
+    def _compact(self) -> None:
+        """Bring the entries back under the bound: the endpoint holding the most loses the
+        entries its cache no longer holds, then its stalest until it has given up at least
+        ``_COMPACT_SHARE`` of them (or, if that is not enough, until the bound holds).
+
+        Stalest = stamped longest ago by that endpoint's counter (the tokens it computed
+        since); whole stamps go at once, so a prefix never goes before its extensions.
+        O(entries of that endpoint), once per ``_COMPACT_SHARE`` of them inserted.
+        """
+        endpoint_id, held = max(self._held.items(), key=lambda item: len(item[1]))
+        excess = self._size - self._max_entries
+        drop = min(len(held), max(excess, math.ceil(len(held) * _COMPACT_SHARE)))
+        # The stamp below which entries go: the drop-th oldest (ties stay together, so this
+        # may keep a few more than asked; then the bound is met by the next largest).
+        ordered = sorted(held.values())
+        threshold = max(ordered[drop - 1] if drop else -math.inf, self._cutoff(endpoint_id))
+        kept = {key: stamp for key, stamp in held.items() if stamp > threshold}
+        self._size -= len(held) - len(kept)
+        if kept:
+            self._held[endpoint_id] = kept
+        else:
+            del self._held[endpoint_id]
+        if self._size > self._max_entries:
+            self._compact()
 
     def observe(self, endpoint_id: str, tokens: Sequence[int] | PrefixKeys, cached_tokens: int, *,
                 receipt: tuple[Sequence[float | None], float] | None = None) -> bool:
@@ -246,28 +290,34 @@ class PrefixIndex:
             self._inserted[endpoint_id] = max(0.0, self.inserted(endpoint_id) + believed - held)
         return evicted
 
-    def discard(self, endpoint_id: str, tokens: Sequence[int] | PrefixKeys, keep_tokens: int) -> int:
-        """The endpoint does not hold the prompt beyond ``keep_tokens`` (a failed request)."""
+    def discard(self, endpoint_id: str, tokens: Sequence[int] | PrefixKeys, keep_tokens: int,
+                stamp: float | None = None) -> int:
+        """The endpoint does not hold the prompt beyond ``keep_tokens`` (a failed request).
+
+        ``stamp``: the one its :meth:`record` gave (the receipt's insertion counter): then
+        only blocks still carrying it go; a block another request recorded since (sharing
+        the prefix, on the same endpoint) stays, as do that request's deeper blocks.
+        """
         pk = self.keys(tokens)
+        held = self._held.get(endpoint_id)
+        if held is None:
+            return 0
         removed = 0
-        for i in range(pk.block_at(keep_tokens) + 1, len(pk.keys)):
+        for key in pk.keys[pk.block_at(keep_tokens) + 1:]:
             self.lookups += 1
-            entry = self._entries.get(pk.keys[i])
-            if entry is not None and entry.pop(endpoint_id, None) is not None:
+            current = held.get(key)
+            if current is not None and (stamp is None or current == stamp):
+                del held[key]
                 removed += 1
-                if not entry:
-                    del self._entries[pk.keys[i]]
+        self._size -= removed
+        if not held:
+            del self._held[endpoint_id]
         return removed
 
     def forget(self, endpoint_id: str) -> int:
-        """Drop everything the endpoint was believed to hold. O(entries): rare by nature."""
-        removed = 0
-        empty: list[int] = []
-        for key, entry in self._entries.items():
-            if entry.pop(endpoint_id, None) is not None:
-                removed += 1
-                if not entry:
-                    empty.append(key)
-        for key in empty:
-            del self._entries[key]
-        return removed
+        """Drop everything the endpoint was believed to hold."""
+        held = self._held.pop(endpoint_id, None)
+        if held is None:
+            return 0
+        self._size -= len(held)
+        return len(held)

@@ -628,7 +628,7 @@ class Router:
             prior, before = pending.receipt
             depth = self._index.held_depth(pending.endpoint_id, prior, before)
             kept = pending.keys.ends[depth - 1] if depth else 0
-            self._index.discard(pending.endpoint_id, pending.keys, kept)
+            self._index.discard(pending.endpoint_id, pending.keys, kept, stamp=before)
 
     def _release(self, pending: _Pending, now: float) -> _EndpointState | None:
         state = self._states.get(pending.endpoint_id)

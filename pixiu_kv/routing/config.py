@@ -103,7 +103,7 @@ class RoutingConfig:
     # a cached prompt's tokens, best instance); on: this router decides every request.
     enabled: bool = False
     prefix_index: bool = True
-    max_index_entries: int = attrs.field(default=200_000, validator=_positive)
+    max_index_entries: int = attrs.field(default=500_000, validator=_positive)
     block_size: int = attrs.field(default=16, validator=_block_size)
     max_block_size: int = attrs.field(default=256, validator=_block_size)
     # Tokens an engine's cache holds (GPU and its LMCache tier together); 0: learned from the

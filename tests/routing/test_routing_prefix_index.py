@@ -119,16 +119,23 @@ def test_match_is_empty_for_prompts_shorter_than_a_block() -> None:
     assert len(index) == 0
 
 
-def test_total_entries_are_bounded_and_the_least_recent_prefixes_go_first() -> None:
+def test_total_entries_are_bounded_and_the_stalest_of_the_largest_endpoint_go_first() -> None:
     index = PrefixIndex(max_entries=200)
     old = _prompt(1, 1024)  # 64 blocks
     index.record("e1", old)
     for i in range(10):
         index.record("e2", _prompt(100 + i, 512))  # 32 blocks each
         assert len(index) <= 200
-    assert len(index) == 200
-    assert index.match(old) == {}
+    assert len(index) > 100  # compaction keeps at least half the bound
+    # e2 holds the most: its oldest prompts went; its latest and e1's only one stay (e1's
+    # engine computed nothing since: an LRU cache still holds it).
+    assert index.match(_prompt(100, 512)) == {}
     assert index.match(_prompt(109, 512)) == {"e2": 512}
+    assert index.match(old) == {"e1": 1024}
+    # Stale entries of an endpoint are gone whichever endpoint gets compacted.
+    entries = len(index)
+    assert index.forget("e1") + index.forget("e2") == entries
+    assert len(index) == 0
 
 
 def test_lru_drops_extensions_before_their_prefix() -> None:
@@ -172,22 +179,38 @@ def test_match_costs_logarithmic_lookups_per_holder_and_record_one_per_block() -
     index.lookups = 0
     matched = index.match(keys)
     assert len(matched) == 3
-    assert index.lookups <= 1 + 3 * 7  # ceil(log2(80)) = 7 probes per holder
+    assert index.lookups <= 3 + 3 * (7 + 2)  # per endpoint: its first block; per holder: the
+    # previous holder's depth and the next block (2), then at most ceil(log2(80)) = 7 probes
     index.lookups = 0
     index.record("e4", keys)
     assert index.lookups == len(keys.keys) == 80
 
 
-def test_match_work_grows_with_blocks_not_with_the_index_size() -> None:
+def test_match_work_grows_with_blocks_and_endpoints_not_with_the_index_size() -> None:
     small, large = PrefixIndex(max_entries=1_000_000), PrefixIndex(max_entries=1_000_000)
     prompt = _prompt(1, 2048)
     small.record("e1", prompt)
     large.record("e1", prompt)
+    for i in range(7):
+        small.record(f"e{i}", _prompt(1000 + i, 1024))
     for i in range(300):
         large.record(f"e{i % 7}", _prompt(1000 + i, 1024))
     small.lookups = large.lookups = 0
     assert small.match(prompt) == large.match(prompt) == {"e1": 2048}
     assert small.lookups == large.lookups
+
+
+def test_holders_of_a_shared_prefix_at_the_same_depth_cost_two_probes_each() -> None:
+    index = PrefixIndex(max_entries=1_000_000)
+    system = _prompt(1, 1024)  # 64 blocks
+    for i in range(16):
+        index.record(f"e{i}", system + _prompt(100 + i, 3072))
+    index.lookups = 0
+    matched = index.match(system + _prompt(99, 3072))
+    assert matched == {f"e{i}": 1024 for i in range(16)}
+    # One probe of the first block per endpoint, a binary search for the first holder
+    # (<= 7 probes over 80 blocks), then two probes for each other holder.
+    assert index.lookups <= 16 + 7 + 15 * 2
 
 
 # -- corrections ----------------------------------------------------------------------
@@ -275,6 +298,20 @@ def test_discard_and_forget() -> None:
     assert len(index) == len(index.schedule.ends(256))
 
 
+def test_a_failed_request_leaves_what_a_later_request_recorded_on_the_same_prefix() -> None:
+    index = PrefixIndex(max_entries=10_000)
+    first = _prompt(1, 1024)
+    receipt = index.record("e1", first)  # new there
+    later = first + _prompt(2, 512)  # recorded while the first is still in flight
+    index.record("e1", later)
+    # The first fails: what it alone brought goes, the later request's blocks stay.
+    assert index.discard("e1", first, keep_tokens=0, stamp=receipt[1]) == 0
+    assert index.match(later) == {"e1": 1536}
+    lone = index.record("e1", _prompt(3, 512))
+    assert index.discard("e1", _prompt(3, 512), keep_tokens=0, stamp=lone[1]) == 32
+    assert index.match(_prompt(3, 512)) == {}
+
+
 def test_compact_keys_match_like_the_originals() -> None:
     index = PrefixIndex(max_entries=10_000)
     prompt = _prompt(1, 1000)
@@ -314,3 +351,33 @@ def test_extending_reuses_the_known_keys_instead_of_hashing_the_old_tokens_again
     assert extended.keys[: len(real.keys)] == fake.keys
     assert extended.keys[len(real.keys):] != schedule.keys(whole).keys[len(real.keys):]
     assert len(extended.keys) == len(schedule.ends(3000))
+
+
+@pytest.mark.parametrize("capacity", [float("inf"), 3000.0])
+def test_binary_search_agrees_with_a_walk_over_every_block(capacity: float) -> None:
+    # The binary search in match relies on each endpoint's held blocks being prefix-closed;
+    # random traffic over shared prefixes, expiry and compaction must keep it so.
+    rnd = random.Random(5)
+    index = PrefixIndex(max_entries=400, engine_cache_tokens=capacity)
+    systems = [_prompt(s, rnd.randrange(16, 1200)) for s in range(6)]
+    prompts = []
+    for step in range(400):
+        prompt = rnd.choice(systems) + _prompt(1000 + step, rnd.randrange(0, 900))
+        if prompts and rnd.random() < 0.3:
+            prompt = rnd.choice(prompts) + _prompt(5000 + step, rnd.randrange(16, 300))  # a next turn
+        prompts.append(prompt)
+        endpoint = f"e{rnd.randrange(4)}"
+        receipt = index.record(endpoint, prompt)
+        if rnd.random() < 0.2:
+            index.observe(endpoint, prompt, rnd.randrange(0, len(prompt) + 1), receipt=receipt)
+        if rnd.random() < 0.05:
+            # A failed request (as the router reports it: what was held stays).
+            depth = index.held_depth(endpoint, *receipt)
+            index.discard(endpoint, prompt, index.keys(prompt).ends[depth - 1] if depth else 0,
+                          stamp=receipt[1])
+        assert len(index) <= 400
+        for probe in map(index.keys, rnd.sample(prompts, min(len(prompts), 5))):
+            matched = index.match(probe)
+            for e in ("e0", "e1", "e2", "e3"):
+                depth = index.held_depth(e, index.stamps(e, probe))
+                assert matched.get(e, 0) == (probe.ends[depth - 1] if depth else 0)
