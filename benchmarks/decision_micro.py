@@ -13,7 +13,8 @@ first ``--tokens - 256`` tokens) by 256 new tokens, then the decision. Reported:
 median of ``--repeats`` runs, per decision, for each part of the pipeline, and its ratio to
 hashing the prompt's ids once in the same run (the machine may be shared and noisy). The
 setup's objects are moved out of the garbage collector's generations before measuring
-(``gc.freeze``; see :func:`measure`).
+(``gc.freeze``; see :func:`measure`). The header says which block keys ran: the C
+extension or pure Python (``PIXIU_KV_PURE_PYTHON=1`` forces the latter).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-from pixiu_kv.routing import Decision, EndpointView, PrefixKeys, Router, RoutingConfig
+from pixiu_kv.routing import NATIVE_KEYS, Decision, EndpointView, PrefixKeys, Router, RoutingConfig
 
 _BATCH = 32
 _NEW_TURN_TOKENS = 256
@@ -179,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"routing decision CPU, {args.tokens}-token prompt, {args.endpoints} endpoints, "
           f"engine_kv_tokens={args.engine_kv_tokens}, "
           f"median of {args.repeats} x {args.iterations} decisions (time.process_time):")
+    print(f"block keys: {'native C (pixiu_kv.routing._blockhash)' if NATIVE_KEYS else 'pure Python'}")
     reference = results["reference: hash(tuple(token ids))"]
     for name, seconds in results.items():
         print(f"  {name:<40} {seconds * 1e6:8.1f} us  ({seconds / reference:4.1f} x reference)")

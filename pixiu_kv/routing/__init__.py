@@ -5,7 +5,7 @@ Pure and synchronous: the kvcache filter and the LLM proxy own all I/O and call
 ``on_failure`` as the response goes). See ``docs/routing.md``.
 """
 
-from ._blocks import BlockSchedule, PrefixKeys
+from ._blocks import NATIVE_KEYS, BlockSchedule, PrefixKeys
 from ._cost import PredictionLag, PrefillLearner, PrefillQueue
 from ._hot import HotPlacement, HotPrefixes
 from ._prefix_index import PrefixIndex
@@ -17,6 +17,7 @@ from .config import RoutingConfig, TokenizerSpec, read_routing_config
 from .usage import Usage, UsageScanner
 
 __all__ = [
+    "NATIVE_KEYS",
     "ROUTING_INPUT_KEY",
     "BlockSchedule",
     "CostLine",
