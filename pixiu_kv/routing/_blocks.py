@@ -98,8 +98,9 @@ class PrefixKeys:
     Computing it is the costly part of a decision (O(prompt tokens)); a caller that sees the
     same prompt again (a token cache) can keep it and pass it instead of the tokens, and a
     caller that sees a prompt continue a known one can extend it
-    (:meth:`BlockSchedule.extend`). ``tokens`` is a tuple of the ids or a packed
-    ``array('I')`` (after :meth:`compact`, or as given to :meth:`BlockSchedule.keys`).
+    (:meth:`BlockSchedule.extend`). ``tokens`` is the ids as given to
+    :meth:`BlockSchedule.keys` (a list only when the C extension keyed them), a tuple, or
+    a packed ``array('I')`` after :meth:`compact`.
     """
 
     tokens: Sequence[int] = attrs.field(repr=False)
@@ -158,13 +159,14 @@ class BlockSchedule:
 
         The hash of a tuple of ints is CPython's builtin one, which is independent of
         PYTHONHASHSEED: every gateway process computes the same keys. A tuple or an
-        ``array('I')`` of ids is kept as it is (not copied: do not change it afterwards),
-        other sequences are copied to a tuple, which protects the keys from a caller that
-        reuses its list (~7 us for 4096 ids). In pure Python the blocks are that tuple's
-        slices (measured: slicing the caller's list into lists and those into tuples costs
-        more); the C extension hashes the ids in place.
+        ``array('I')`` of ids is kept as given, and so is a list when the C extension keys
+        it (it hashes the list in place; copying 4096 ids a JSON decoder just made cost more
+        than hashing them): do not change the sequence afterwards. Otherwise the ids are
+        copied to a tuple; in pure Python its slices are the blocks (measured: slicing the
+        caller's list into lists and those into tuples costs more).
         """
-        seq = tokens if isinstance(tokens, tuple) or _packed(tokens) else tuple(tokens)
+        seq = (tokens if isinstance(tokens, tuple) or _packed(tokens)
+               or (_native_chain is not None and type(tokens) is list) else tuple(tokens))
         ends = tuple(self.ends(len(seq)))
         if _native_chain is not None:
             keys = _native_chain(seq, 0, ends, 0)
