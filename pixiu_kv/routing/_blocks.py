@@ -6,9 +6,10 @@ gets a key that hashes the block *and* the key before it, so a key names a whole
 
 Block boundaries depend only on the position, never on the prompt's length, so every
 prompt cuts a shared prefix at the same places. Blocks are ``block_size`` tokens up to
-``32 x block_size`` tokens into the prompt and then double each time the position doubles
-(up to ``max_block_size``): a match is exact to 1/16 of its length or one base block, and
-a 4k-token prompt takes 80 hashes instead of 256 (most of the decision's CPU is hashing).
+``16 x block_size`` tokens into the prompt and then double each time the position doubles
+(up to ``max_block_size``): a match is exact to 1/8 of its length or one base block, and
+a 4k-token prompt takes 48 blocks instead of 256 (the index's work per decision is per
+block: recording a prompt, matching it, releasing it).
 Every boundary is a multiple of ``block_size``, like the engine's own.
 
 The keys are computed by the optional C extension ``_blockhash`` when it was built and
@@ -33,7 +34,7 @@ LMCACHE_CHUNK = 256
 """LMCache stores, pins and compresses whole chunks of this many tokens."""
 
 # A block is doubled once the position reaches this many blocks of its current size.
-_FINE_BLOCKS = 32
+_FINE_BLOCKS = 16
 
 PURE_PYTHON_ENV = "PIXIU_KV_PURE_PYTHON"
 """Set to ``1`` to key blocks in pure Python even when the C extension is built."""

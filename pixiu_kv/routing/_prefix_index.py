@@ -28,6 +28,7 @@ instead of a walk over every block.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from itertools import repeat
@@ -210,28 +211,32 @@ class PrefixIndex:
 
     def _compact(self) -> None:
         """Bring the entries back under the bound: the endpoint holding the most loses the
-        entries its cache no longer holds, then its stalest until it has given up at least
-        ``_COMPACT_SHARE`` of them (or, if that is not enough, until the bound holds).
+        entries its cache no longer holds and its stalest, at least ``_COMPACT_SHARE`` of
+        them (repeated while the bound does not hold).
 
         Stalest = stamped longest ago by that endpoint's counter (the tokens it computed
-        since); whole stamps go at once, so a prefix never goes before its extensions.
-        O(entries of that endpoint), once per ``_COMPACT_SHARE`` of them inserted.
+        since). Whole stamps go at once, so a prefix never goes before its extensions, and
+        the newest stamp (the latest prompt, with its prefix) goes only when it is all the
+        endpoint holds. O(entries of that endpoint), once per ``_COMPACT_SHARE`` of them
+        inserted.
         """
-        endpoint_id, held = max(self._held.items(), key=lambda item: len(item[1]))
-        excess = self._size - self._max_entries
-        drop = min(len(held), max(excess, math.ceil(len(held) * _COMPACT_SHARE)))
-        # The stamp below which entries go: the drop-th oldest (ties stay together, so this
-        # may keep a few more than asked; then the bound is met by the next largest).
-        ordered = sorted(held.values())
-        threshold = max(ordered[drop - 1] if drop else -math.inf, self._cutoff(endpoint_id))
-        kept = {key: stamp for key, stamp in held.items() if stamp > threshold}
-        self._size -= len(held) - len(kept)
-        if kept:
-            self._held[endpoint_id] = kept
-        else:
-            del self._held[endpoint_id]
-        if self._size > self._max_entries:
-            self._compact()
+        while self._size > self._max_entries:
+            endpoint_id, held = max(self._held.items(), key=lambda item: len(item[1]))
+            drop = min(len(held), max(self._size - self._max_entries,
+                                      math.ceil(len(held) * _COMPACT_SHARE)))
+            ordered = sorted(held.values())
+            threshold = ordered[drop - 1]  # entries stamped at or before it go
+            newest = ordered[-1]
+            if threshold >= newest:
+                older = bisect.bisect_left(ordered, newest)
+                threshold = ordered[older - 1] if older else newest
+            cutoff = self._cutoff(endpoint_id)
+            kept = {key: stamp for key, stamp in held.items() if stamp > threshold and stamp >= cutoff}
+            self._size -= len(held) - len(kept)
+            if kept:
+                self._held[endpoint_id] = kept
+            else:
+                del self._held[endpoint_id]
 
     def observe(self, endpoint_id: str, tokens: Sequence[int] | PrefixKeys, cached_tokens: int, *,
                 receipt: tuple[Sequence[float | None], float] | None = None) -> bool:

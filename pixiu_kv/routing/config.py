@@ -75,7 +75,7 @@ class RoutingConfig:
       when LMCache has no answer (first sight of a prompt, controller down, GPU-only cache).
       Prefixes are cut into blocks of ``block_size`` tokens near the start of a prompt and
       growing blocks further on (never more than ``max_block_size``), so a 4k-token prompt
-      costs ~80 hashes instead of 256 while a match is still exact to 1/32 of its length.
+      costs 48 hashes instead of 256 while a match is still exact to 1/8 of its length.
     * ``cost_model``: one predicted time-to-first-token per endpoint (queued prefill +
       uncached prefill + cached load + running requests), learned online per endpoint from
       the priors below. Off: the least-loaded eligible endpoint among the best cache matches.

@@ -219,12 +219,12 @@ def test_keys_keep_a_tuple_or_packed_ids_as_given_and_a_list_when_native(request
     else:
         assert type(from_list.tokens) is tuple and from_list.tokens == as_tuple
     # Known answers (as in test_routing_prefix_index.py), either way.
-    assert from_list.keys[0] == 3415446868550774468 and from_list.keys[33] == 998077915589337030
+    assert from_list.keys[0] == 3415446868550774468 and from_list.keys[24] == -590067908696519777
     # Ids packed in another width are copied to a tuple (the extension reads only 'I').
     wide = schedule.keys(array("q", range(1000, 1600)))
     assert type(wide.tokens) is tuple and wide.keys == from_list.keys
     # Extending keys whose tokens are another sequence type works too.
-    odd = PrefixKeys(tokens=array("q", range(1000, 1300)), keys=from_list.keys[:18], ends=from_list.ends[:18])
+    odd = PrefixKeys(tokens=array("q", range(1000, 1300)), keys=from_list.keys[:17], ends=from_list.ends[:17])
     assert schedule.extend(odd, range(1300, 1600)).keys == from_list.keys
 
 

@@ -25,9 +25,10 @@ def _prompt(seed: int, n: int) -> list[int]:
     (15, 0, None),
     (16, 1, 16),
     (100, 6, 96),
-    (512, 32, 512),
-    (1000, 47, 992),
-    (4096, 80, 4096),
+    (256, 16, 256),
+    (512, 24, 512),
+    (1000, 31, 960),
+    (4096, 48, 4096),
 ])
 def test_schedule_cuts_by_position_only(length: int, blocks: int, last_end: int | None) -> None:
     ends = BlockSchedule(16, 256).ends(length)
@@ -40,9 +41,9 @@ def test_schedule_cuts_by_position_only(length: int, blocks: int, last_end: int 
 def test_schedule_granularity_is_fine_near_the_start_and_bounded_relative_further_on() -> None:
     ends = BlockSchedule(16, 256).ends(100_000)
     sizes = [b - a for a, b in zip([0, *ends], ends, strict=False)]
-    assert set(sizes[:32]) == {16}
+    assert set(sizes[:16]) == {16}
     for start, size in zip([0, *ends], sizes, strict=False):
-        assert size <= max(16, start // 16)  # a match is exact to 1/16 of its length
+        assert size <= max(16, start // 8)  # a match is exact to 1/8 of its length
         assert size <= 256
     assert sizes[-1] == 256
 
@@ -81,15 +82,15 @@ def test_keys_do_not_depend_on_the_sequence_type() -> None:
     assert schedule.keys(prompt).compact().keys == keys
 
 
-# Keys of tokens 1000..1599 (34 blocks), as every process computes them (64-bit CPython).
-_KNOWN_KEYS = {0: 3415446868550774468, 1: 7456612749625473530, 33: 998077915589337030}
+# Keys of tokens 1000..1599 (25 blocks), as every process computes them (64-bit CPython).
+_KNOWN_KEYS = {0: 3415446868550774468, 1: 7456612749625473530, 24: -590067908696519777}
 
 
 def test_keys_are_the_same_in_every_process() -> None:
     """Gateways sharing engines must agree on keys: no dependence on PYTHONHASHSEED (here
     against known answers, and against a process with another hash seed)."""
     keys = BlockSchedule(16, 256).keys(list(range(1000, 1600)))
-    assert len(keys.keys) == 34
+    assert len(keys.keys) == 25
     assert {i: keys.keys[i] for i in _KNOWN_KEYS} == _KNOWN_KEYS
     script = ("from pixiu_kv.routing._blocks import BlockSchedule\n"
               "print(list(BlockSchedule(16, 256).keys(list(range(1000, 1600))).keys))")
@@ -108,7 +109,7 @@ def test_match_after_record_finds_the_deepest_shared_block_per_endpoint() -> Non
     index.record("e2", system[:600])
     query = system + _prompt(3, 500)
     matched = index.match(query)
-    assert matched == {"e1": 1472, "e2": 576}  # 1472 = last boundary <= 1500; 576 <= 600
+    assert matched == {"e1": 1408, "e2": 576}  # the last block boundaries <= 1500 and <= 600
     assert index.match(_prompt(9, 2000)) == {}
 
 
@@ -140,15 +141,17 @@ def test_total_entries_are_bounded_and_the_stalest_of_the_largest_endpoint_go_fi
 
 def test_lru_drops_extensions_before_their_prefix() -> None:
     # A prefix shared by many prompts stays while their private tails are evicted.
-    index = PrefixIndex(max_entries=80)
-    system = _prompt(1, 512)  # 32 blocks, then room for the 6 most recent tails
+    index = PrefixIndex(max_entries=48)
+    system = _prompt(1, 512)  # 24 blocks, then room for 6 tails
     for i in range(10):
-        index.record("e1", system + _prompt(10 + i, 256))  # +8 blocks each
+        index.record("e1", system + _prompt(10 + i, 256))  # +4 blocks each
+        assert len(index) <= 48
     matched = index.match(system + _prompt(99, 256))
     assert matched == {"e1": 512}
-    # Recent tails survive, the oldest ones are gone, none is half-kept.
-    assert index.match(system + _prompt(19, 256)) == {"e1": 768}
-    assert index.match(system + _prompt(10, 256)) == {"e1": 512}
+    # The 7th tail compacted the 6 before it away (at least half the entries go); the later
+    # ones survive, none is half-kept.
+    held = [index.match(system + _prompt(10 + i, 256))["e1"] for i in range(10)]
+    assert held == [512] * 6 + [768] * 4
 
 
 def test_a_known_capacity_expires_entries_after_that_many_newer_tokens() -> None:
@@ -172,18 +175,18 @@ def test_a_known_capacity_expires_entries_after_that_many_newer_tokens() -> None
 
 def test_match_costs_logarithmic_lookups_per_holder_and_record_one_per_block() -> None:
     index = PrefixIndex(max_entries=100_000)
-    prompt = _prompt(1, 4096)  # 80 blocks
+    prompt = _prompt(1, 4096)  # 48 blocks
     for e in ("e1", "e2", "e3"):
         index.record(e, prompt[: 1000 * (1 + len(e))])
     keys = index.keys(prompt)
     index.lookups = 0
     matched = index.match(keys)
     assert len(matched) == 3
-    assert index.lookups <= 3 + 3 * (7 + 2)  # per endpoint: its first block; per holder: the
-    # previous holder's depth and the next block (2), then at most ceil(log2(80)) = 7 probes
+    assert index.lookups <= 3 + 3 * (6 + 2)  # per endpoint: its first block; per holder: the
+    # previous holder's depth and the next block (2), then at most ceil(log2(48)) = 6 probes
     index.lookups = 0
     index.record("e4", keys)
-    assert index.lookups == len(keys.keys) == 80
+    assert index.lookups == len(keys.keys) == 48
 
 
 def test_match_work_grows_with_blocks_and_endpoints_not_with_the_index_size() -> None:
@@ -202,15 +205,15 @@ def test_match_work_grows_with_blocks_and_endpoints_not_with_the_index_size() ->
 
 def test_holders_of_a_shared_prefix_at_the_same_depth_cost_two_probes_each() -> None:
     index = PrefixIndex(max_entries=1_000_000)
-    system = _prompt(1, 1024)  # 64 blocks
+    system = _prompt(1, 1024)  # 40 blocks
     for i in range(16):
         index.record(f"e{i}", system + _prompt(100 + i, 3072))
     index.lookups = 0
     matched = index.match(system + _prompt(99, 3072))
     assert matched == {f"e{i}": 1024 for i in range(16)}
     # One probe of the first block per endpoint, a binary search for the first holder
-    # (<= 7 probes over 80 blocks), then two probes for each other holder.
-    assert index.lookups <= 16 + 7 + 15 * 2
+    # (<= 6 probes over 48 blocks), then two probes for each other holder.
+    assert index.lookups <= 16 + 6 + 15 * 2
 
 
 # -- corrections ----------------------------------------------------------------------
@@ -308,7 +311,7 @@ def test_a_failed_request_leaves_what_a_later_request_recorded_on_the_same_prefi
     assert index.discard("e1", first, keep_tokens=0, stamp=receipt[1]) == 0
     assert index.match(later) == {"e1": 1536}
     lone = index.record("e1", _prompt(3, 512))
-    assert index.discard("e1", _prompt(3, 512), keep_tokens=0, stamp=lone[1]) == 32
+    assert index.discard("e1", _prompt(3, 512), keep_tokens=0, stamp=lone[1]) == 24
     assert index.match(_prompt(3, 512)) == {}
 
 
@@ -321,7 +324,7 @@ def test_compact_keys_match_like_the_originals() -> None:
     assert list(compact.tokens) == prompt and compact.length == 1000
     assert compact.compact() is compact
     index.record("e1", compact)
-    assert index.match(keys) == index.match(prompt) == {"e1": 992}
+    assert index.match(keys) == index.match(prompt) == {"e1": 960}
 
 
 @pytest.mark.parametrize("old_length", [0, 10, 16, 500, 512, 1000, 2048, 3001])

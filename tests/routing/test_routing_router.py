@@ -212,7 +212,7 @@ def test_a_burst_goes_to_the_cache_holder_while_it_is_cheap_then_spills() -> Non
     on_holder = [d for d in burst if d.endpoint_id == holder]
     # Cached requests are cheap: the holder takes them until the overload guard (85% of 16)...
     assert len(on_holder) == 13
-    assert all(d.reason == "cache" and d.matched_tokens == 3968 for d in burst[:13])  # whole blocks
+    assert all(d.reason == "cache" and d.matched_tokens == 3840 for d in burst[:13])  # whole blocks
     assert [d.endpoint_id for d in burst[:13]] == [holder] * 13
     # ... then the burst spills to the others, which compute the prompt themselves once each
     # and take the rest as cache hits of their own.
@@ -385,7 +385,7 @@ def test_first_sight_prompt_is_routed_and_its_next_turn_follows_it() -> None:
     turn2 = turn1 + _prompt(2, 300)
     d2 = router.decide(fleet, turn2, None, None, now=5.0)
     assert d2.endpoint_id == d1.endpoint_id
-    assert (d2.reason, d2.matched_tokens) == ("cache", 1472)
+    assert (d2.reason, d2.matched_tokens) == ("cache", 1408)
 
 
 def test_a_next_turn_keyed_by_extending_the_previous_turn_routes_like_its_full_keys() -> None:
@@ -397,7 +397,7 @@ def test_a_next_turn_keyed_by_extending_the_previous_turn_routes_like_its_full_k
     turn2 = router.extend_keys(turn1, _prompt(2, 300))
     assert turn2.keys == router.prefix_keys(list(turn1.tokens) + _prompt(2, 300)).keys
     d2 = router.decide(fleet, turn2, None, None, now=5.0)
-    assert (d2.endpoint_id, d2.reason, d2.matched_tokens) == (d1.endpoint_id, "cache", 1472)
+    assert (d2.endpoint_id, d2.reason, d2.matched_tokens) == (d1.endpoint_id, "cache", 1408)
     assert d2.prompt_tokens == 1800
 
 
