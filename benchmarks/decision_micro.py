@@ -10,8 +10,9 @@ hold each group's prefix) as in a shared-prefix workload. Token ids are hashed a
 on every ``decide(token ids)`` (the router keeps no keys between decisions). A chat's next
 turn is measured as ``Router.extend_keys`` of the previous turn's keys (the prompt's
 first ``--tokens - 256`` tokens) by 256 new tokens, then the decision. Reported: the
-median of ``--repeats`` runs, per decision, for each part of the pipeline, and its ratio to
-hashing the prompt's ids once in the same run (the machine may be shared and noisy). The
+median of ``--repeats`` runs, per decision, for each part of the pipeline, and the median
+of its ratio to hashing the prompt's ids once in the same run; within a run the parts
+take turns every 256 calls, so the ratios hold while a shared machine's speed moves. The
 setup's objects are moved out of the garbage collector's generations before measuring
 (``gc.freeze``; see :func:`measure`). The header says which block keys ran: the C
 extension or pure Python (``PIXIU_KV_PURE_PYTHON=1`` forces the latter).
@@ -29,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pixiu_kv.routing import NATIVE_KEYS, Decision, EndpointView, PrefixKeys, Router, RoutingConfig
 
 _BATCH = 32
+_REFERENCE = "reference: hash(tuple(token ids))"
 _NEW_TURN_TOKENS = 256
 
 
@@ -125,22 +127,30 @@ class _Bench:
             hash(tuple(self.prompts[k % len(self.prompts)]))
 
 
-def _per_call(bench: _Bench, fn: Callable[[int], None], iterations: int) -> float:
-    """CPU seconds per call; reservations are released between batches, unmeasured."""
+def _per_call(bench: _Bench, fn: Callable[[int], None], iterations: int, start: int = 0) -> float:
+    """CPU seconds of ``iterations`` calls; reservations are released between batches, unmeasured."""
     spent = 0.0
     done = 0
     while done < iterations:
         t0 = time.process_time()
-        fn(done)
+        fn(start + done)
         spent += time.process_time() - t0
         bench.release()
         done += _BATCH
-    return spent / done
+    return spent
+
+
+_ROUND = 8 * _BATCH  # decisions of one part before the next part runs
 
 
 def measure(iterations: int, endpoints: int, tokens: int, repeats: int,
-            kv_tokens: int = 0) -> dict[str, float]:
-    results: dict[str, list[float]] = {}
+            kv_tokens: int = 0) -> tuple[dict[str, float], dict[str, float]]:
+    """Per part: the median over ``repeats`` of its CPU per call, and the median of its ratio
+    to the reference in the same repeat. Within a repeat the parts take turns every
+    ``_ROUND`` calls, so a slower minute of a shared machine weighs on every part alike and
+    the ratios hold even when the absolute times move."""
+    seconds: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
     for _ in range(repeats):
         bench = _Bench(endpoints, tokens, kv_tokens)
         # The setup's garbage is collected and its objects (the prompt pool: 128 lists of
@@ -150,7 +160,7 @@ def measure(iterations: int, endpoints: int, tokens: int, repeats: int,
         # still count.
         gc.collect()
         gc.freeze()
-        for name, fn in (
+        parts = (
             ("decide(token ids)", bench.decide_tokens),
             ("decide(token ids) + LMCache lookup", bench.decide_tokens_lookup),
             ("decide(cached PrefixKeys)", bench.decide_keys),
@@ -159,11 +169,21 @@ def measure(iterations: int, endpoints: int, tokens: int, repeats: int,
             ("  part: extend keys (+256 tokens)", bench.extend_keys),
             ("  part: index match", bench.index_match),
             ("  part: index record", bench.index_record),
-            ("reference: hash(tuple(token ids))", bench.reference),
-        ):
-            results.setdefault(name, []).append(_per_call(bench, fn, iterations))
+            (_REFERENCE, bench.reference),
+        )
+        spent = dict.fromkeys([name for name, _ in parts], 0.0)
+        done = 0
+        while done < iterations:
+            calls = min(_ROUND, iterations - done)
+            for name, fn in parts:
+                spent[name] += _per_call(bench, fn, calls, done)
+            done += calls
         gc.unfreeze()
-    return {name: statistics.median(values) for name, values in results.items()}
+        for name, total in spent.items():
+            seconds.setdefault(name, []).append(total / done)
+            ratios.setdefault(name, []).append(total / spent[_REFERENCE])
+    return ({name: statistics.median(values) for name, values in seconds.items()},
+            {name: statistics.median(values) for name, values in ratios.items()})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -176,14 +196,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="the router's engine_kv_tokens (0: the default, no KV admission term); "
                              "small values keep every endpoint's KV cache full, so the term is computed")
     args = parser.parse_args(argv)
-    results = measure(args.iterations, args.endpoints, args.tokens, args.repeats, args.engine_kv_tokens)
+    results, ratios = measure(args.iterations, args.endpoints, args.tokens, args.repeats, args.engine_kv_tokens)
     print(f"routing decision CPU, {args.tokens}-token prompt, {args.endpoints} endpoints, "
           f"engine_kv_tokens={args.engine_kv_tokens}, "
-          f"median of {args.repeats} x {args.iterations} decisions (time.process_time):")
+          f"median of {args.repeats} x {args.iterations} calls per part, parts taking turns every "
+          f"{_ROUND} calls (time.process_time):")
     print(f"block keys: {'native C (pixiu_kv.routing._blockhash)' if NATIVE_KEYS else 'pure Python'}")
-    reference = results["reference: hash(tuple(token ids))"]
     for name, seconds in results.items():
-        print(f"  {name:<40} {seconds * 1e6:8.1f} us  ({seconds / reference:4.1f} x reference)")
+        print(f"  {name:<40} {seconds * 1e6:8.1f} us  ({ratios[name]:4.2f} x reference)")
 
 
 if __name__ == "__main__":

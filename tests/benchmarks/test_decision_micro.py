@@ -10,7 +10,8 @@ from benchmarks.decision_micro import measure
 
 @pytest.mark.parametrize("kv_tokens", [0, 1000])
 def test_every_part_is_measured(kv_tokens: int) -> None:
-    results = measure(iterations=64, endpoints=4, tokens=512, repeats=1, kv_tokens=kv_tokens)
+    results, ratios = measure(iterations=300, endpoints=4, tokens=512, repeats=1, kv_tokens=kv_tokens)
     assert "decide(token ids)" in results and "reference: hash(tuple(token ids))" in results
-    assert len(results) == 9
+    assert len(results) == len(ratios) == 9
     assert all(seconds > 0 for seconds in results.values())
+    assert ratios["reference: hash(tuple(token ids))"] == 1.0
