@@ -196,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="the router's engine_kv_tokens (0: the default, no KV admission term); "
                              "small values keep every endpoint's KV cache full, so the term is computed")
     args = parser.parse_args(argv)
-    results, ratios = measure(args.iterations, args.endpoints, args.tokens, args.repeats, args.engine_kv_tokens)
+    results, ratios = measure(args.iterations, args.endpoints, args.tokens, args.repeats,
+                              args.engine_kv_tokens)
     print(f"routing decision CPU, {args.tokens}-token prompt, {args.endpoints} endpoints, "
           f"engine_kv_tokens={args.engine_kv_tokens}, "
           f"median of {args.repeats} x {args.iterations} calls per part, parts taking turns every "

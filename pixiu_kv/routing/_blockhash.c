@@ -1,5 +1,9 @@
-/* Chained block keys of a prompt's token ids, in C: the same keys as the pure-Python
+/* The routing decision's per-block loops, in C (optional; the package works without it).
+ *
+ * chain: chained block keys of a prompt's token ids, the same keys as the pure-Python
  * BlockSchedule (pixiu_kv/routing/_blocks.py), computed without building a tuple per block.
+ * stamp, depths: PrefixIndex's record and match loops (pixiu_kv/routing/_prefix_index.py),
+ * the same dictionary reads and writes in the same order as its pure-Python code.
  *
  * key_i = hash((key_{i-1}, tuple(tokens[end_{i-1}:end_i])))
  *
@@ -228,15 +232,200 @@ done:
     return out;
 }
 
+/* -- PrefixIndex: an endpoint's dict of block key -> stamp (float) ----------------------- */
+
+PyDoc_STRVAR(stamp_doc,
+"stamp(held, keys, value) -> list\n\n"
+"Each key's value in ``held`` before (None: absent), then ``held[key] = value`` for every\n"
+"key, in order: PrefixIndex.record's loop. ``held`` a dict, ``keys`` a tuple.");
+
+static PyObject *stamp(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyDict_CheckExact(args[0]) || !PyTuple_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "stamp(held: dict, keys: tuple, value) takes 3 arguments");
+        return NULL;
+    }
+    PyObject *held = args[0];
+    PyObject *keys = args[1];
+    PyObject *value = args[2];
+    Py_ssize_t n = PyTuple_GET_SIZE(keys);
+    PyObject *prior = PyList_New(n);
+    if (prior == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PyTuple_GET_ITEM(keys, i);
+        PyObject *old = PyDict_GetItemWithError(held, key);  /* borrowed */
+        if (old == NULL) {
+            if (PyErr_Occurred()) {
+                goto fail;
+            }
+            old = Py_None;
+        }
+        Py_INCREF(old);
+        PyList_SET_ITEM(prior, i, old);
+        if (PyDict_SetItem(held, key, value) < 0) {
+            goto fail;
+        }
+    }
+    return prior;
+fail:
+    Py_DECREF(prior);
+    return NULL;
+}
+
+/* 1 if held[key] exists and is >= cutoff, 0 if not, -1 on error. */
+static int held_at(PyObject *held, PyObject *key, double cutoff) {
+    PyObject *value = PyDict_GetItemWithError(held, key);  /* borrowed */
+    if (value == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    double stamp = PyFloat_AsDouble(value);
+    if (stamp == -1.0 && PyErr_Occurred()) {
+        return -1;
+    }
+    return stamp >= cutoff;
+}
+
+/* Look up a float in a dict of endpoint id -> float, with a default. */
+static int float_of(PyObject *dict, PyObject *key, double fallback, double *out) {
+    PyObject *value = PyDict_GetItemWithError(dict, key);  /* borrowed */
+    if (value == NULL) {
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+        *out = fallback;
+        return 0;
+    }
+    *out = PyFloat_AsDouble(value);
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+PyDoc_STRVAR(depths_doc,
+"depths(held_by_endpoint, keys, ends, inserted, capacity, default_capacity) -> (dict, int)\n\n"
+"PrefixIndex.match's loop: for each endpoint whose first block is held (stamp >= its\n"
+"cutoff, inserted - capacity), the end of the deepest held block, found by a binary\n"
+"search that first tries the previous holder's depth; and the number of dict probes.");
+
+static PyObject *depths(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6 || !PyDict_CheckExact(args[0]) || !PyTuple_CheckExact(args[1])
+            || !PyTuple_CheckExact(args[2]) || !PyDict_CheckExact(args[3]) || !PyDict_CheckExact(args[4])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "depths(held_by_endpoint: dict, keys: tuple, ends: tuple, inserted: dict, "
+                        "capacity: dict, default_capacity: float) takes 6 arguments");
+        return NULL;
+    }
+    PyObject *by_endpoint = args[0];
+    PyObject *keys = args[1];
+    PyObject *ends = args[2];
+    PyObject *inserted = args[3];
+    PyObject *capacity = args[4];
+    double default_capacity = PyFloat_AsDouble(args[5]);
+    if (default_capacity == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t last = PyTuple_GET_SIZE(keys) - 1;
+    if (PyTuple_GET_SIZE(ends) != last + 1) {
+        PyErr_SetString(PyExc_ValueError, "keys and ends differ in length");
+        return NULL;
+    }
+    PyObject *matched = PyDict_New();
+    if (matched == NULL) {
+        return NULL;
+    }
+    long probes = 0;
+    if (last >= 0) {
+        PyObject *first = PyTuple_GET_ITEM(keys, 0);
+        Py_ssize_t pos = 0;
+        Py_ssize_t hint = -1;
+        PyObject *endpoint_id;
+        PyObject *held;
+        /* The dicts are only read here, so iterating by_endpoint is safe. */
+        while (PyDict_Next(by_endpoint, &pos, &endpoint_id, &held)) {
+            if (!PyDict_CheckExact(held)) {
+                PyErr_SetString(PyExc_TypeError, "an endpoint's entries must be a dict");
+                goto fail;
+            }
+            probes++;
+            PyObject *value = PyDict_GetItemWithError(held, first);  /* borrowed */
+            if (value == NULL) {
+                if (PyErr_Occurred()) {
+                    goto fail;
+                }
+                continue;
+            }
+            double stamp = PyFloat_AsDouble(value);
+            double counter, size;
+            if ((stamp == -1.0 && PyErr_Occurred()) || float_of(inserted, endpoint_id, 0.0, &counter) < 0
+                    || float_of(capacity, endpoint_id, default_capacity, &size) < 0) {
+                goto fail;
+            }
+            double cutoff = counter - size;
+            if (stamp < cutoff) {
+                continue;
+            }
+            Py_ssize_t lo = 0;
+            Py_ssize_t hi = last;
+            int is;
+            if (hint > 0) {
+                probes++;
+                if ((is = held_at(held, PyTuple_GET_ITEM(keys, hint), cutoff)) < 0) {
+                    goto fail;
+                }
+                if (is) {
+                    lo = hint;
+                    if (hint < last) {
+                        probes++;
+                        if ((is = held_at(held, PyTuple_GET_ITEM(keys, hint + 1), cutoff)) < 0) {
+                            goto fail;
+                        }
+                        if (is) {
+                            lo = hint + 1;
+                        }
+                        else {
+                            hi = hint;
+                        }
+                    }
+                }
+                else {
+                    hi = hint - 1;
+                }
+            }
+            while (lo < hi) {
+                Py_ssize_t mid = (lo + hi + 1) / 2;
+                probes++;
+                if ((is = held_at(held, PyTuple_GET_ITEM(keys, mid), cutoff)) < 0) {
+                    goto fail;
+                }
+                if (is) {
+                    lo = mid;
+                }
+                else {
+                    hi = mid - 1;
+                }
+            }
+            if (PyDict_SetItem(matched, endpoint_id, PyTuple_GET_ITEM(ends, lo)) < 0) {
+                goto fail;
+            }
+            hint = lo;
+        }
+    }
+    return Py_BuildValue("(Nl)", matched, probes);  /* steals matched, even on failure */
+fail:
+    Py_DECREF(matched);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"chain", (PyCFunction)(void (*)(void))chain, METH_FASTCALL, chain_doc},
+    {"stamp", (PyCFunction)(void (*)(void))stamp, METH_FASTCALL, stamp_doc},
+    {"depths", (PyCFunction)(void (*)(void))depths, METH_FASTCALL, depths_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_blockhash",
-    .m_doc = "Chained block keys of token ids (see chain).",
+    .m_doc = "The routing decision's per-block loops: chain (block keys), stamp and depths (the prefix index).",
     .m_size = -1,
     .m_methods = methods,
 };

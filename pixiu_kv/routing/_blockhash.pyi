@@ -1,5 +1,9 @@
-"""Chained block keys of token ids, in C (optional; see ``_blocks.py``)."""
+"""The routing decision's per-block loops, in C (optional; see ``_blocks.py`` and ``_prefix_index.py``)."""
 
 from collections.abc import Hashable, Iterable, Sequence
 
 def chain(tokens: Iterable[Hashable], start: int, ends: Sequence[int], key: int, /) -> list[int]: ...
+def stamp(held: dict[int, float], keys: tuple[int, ...], value: float, /) -> list[float | None]: ...
+def depths(held_by_endpoint: dict[str, dict[int, float]], keys: tuple[int, ...], ends: tuple[int, ...],
+           inserted: dict[str, float], capacity: dict[str, float], default_capacity: float, /
+           ) -> tuple[dict[str, int], int]: ...

@@ -33,7 +33,13 @@ import math
 from collections.abc import Sequence
 from itertools import repeat
 
-from ._blocks import BlockSchedule, PrefixKeys
+from ._blocks import NATIVE_KEYS, BlockSchedule, PrefixKeys
+
+# The C extension's copies of record's and match's loops (see _blockhash.c), when it is built
+# and in use for keys (which tells that it loaded and agreed with pure Python at import).
+_NATIVE = NATIVE_KEYS
+if _NATIVE:
+    from . import _blockhash
 
 __all__ = ["PrefixIndex"]
 
@@ -101,6 +107,12 @@ class PrefixIndex:
         keys = pk.keys
         if not keys:
             return {}
+        if _NATIVE:
+            found, probes = _blockhash.depths(self._held, keys, pk.ends, self._inserted, self._capacity,
+                                           self._default_capacity)
+            self.lookups += probes
+            return found
+        # The same loop as _blockhash.c's depths.
         matched: dict[str, int] = {}
         first = keys[0]
         last = len(keys) - 1
@@ -185,9 +197,13 @@ class PrefixIndex:
         if held is None:
             held = self._held[endpoint_id] = {}
         before = self._inserted.get(endpoint_id, 0.0)
-        prior: list[float | None] = list(map(held.get, keys))
         # One stamp for the whole prompt: its prefixes are as recent as its extensions.
-        held.update(zip(keys, repeat(before)))
+        prior: list[float | None]
+        if _NATIVE:
+            prior = _blockhash.stamp(held, keys, before)
+        else:  # what _blockhash.c's stamp does
+            prior = list(map(held.get, keys))
+            held.update(zip(keys, repeat(before)))
         self.lookups += len(keys)
         self._size += prior.count(None)
         # The endpoint's holdings are prefix-closed: when it held the deepest block it held

@@ -280,3 +280,59 @@ def test_native_keys_are_used_when_built(chain: Chain) -> None:
     assert _native_keys_in_a_new_process("0") == "True"
     if os.environ.get(_blocks.PURE_PYTHON_ENV, "") in ("", "0"):
         assert _blocks.NATIVE_KEYS
+
+
+# -- the prefix index's loops ----------------------------------------------------------
+
+def _index_traffic(native: bool, monkeypatch: pytest.MonkeyPatch, seed: int) -> list[object]:
+    """Everything a PrefixIndex answers under random traffic (records, reports, failures,
+    expiry, compaction), with its loops in C or in pure Python."""
+    from pixiu_kv.routing import _prefix_index
+    from pixiu_kv.routing._prefix_index import PrefixIndex
+
+    monkeypatch.setattr(_prefix_index, "_NATIVE", native)
+    rnd = random.Random(seed)
+    index = PrefixIndex(max_entries=300, engine_cache_tokens=rnd.choice([float("inf"), 2500.0]))
+    schedule = index.schedule
+    systems = [[rnd.randrange(32000) for _ in range(rnd.randrange(16, 900))] for _ in range(5)]
+    prompts: list[PrefixKeys] = []
+    seen: list[object] = []
+    for step in range(300):
+        ids = rnd.choice(systems) + [rnd.randrange(32000) for _ in range(rnd.randrange(0, 600))]
+        prompt = schedule.keys(ids)
+        prompts.append(prompt)
+        endpoint = f"e{rnd.randrange(5)}"
+        receipt = index.record(endpoint, prompt)
+        seen.append(receipt)
+        if rnd.random() < 0.3:
+            seen.append(index.observe(endpoint, prompt, rnd.randrange(0, prompt.length + 1), receipt=receipt))
+        if rnd.random() < 0.05:
+            keep = rnd.randrange(0, prompt.length + 1)
+            seen.append(index.discard(endpoint, prompt, keep, stamp=receipt[1]))
+        for probe in rnd.sample(prompts, min(3, len(prompts))):
+            matched = index.match(probe)
+            seen.append(list(matched.items()))  # in order
+        seen.append((len(index), index.lookups, step))
+    return seen
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_index_answers_the_same_with_its_loops_in_c(chain: Chain, monkeypatch: pytest.MonkeyPatch,
+                                                        seed: int) -> None:
+    assert _index_traffic(True, monkeypatch, seed) == _index_traffic(False, monkeypatch, seed)
+
+
+def test_the_index_loops_reject_what_they_cannot_read(chain: Chain) -> None:
+    from pixiu_kv.routing import _blockhash
+
+    assert _blockhash.stamp({1: 0.5}, (1, 2), 3.0) == [0.5, None]
+    found = _blockhash.depths({"e": {1: 0.0, 2: 0.0}}, (1, 2, 3), (16, 32, 48), {}, {}, float("inf"))
+    assert found == ({"e": 32}, 3)
+    with pytest.raises(TypeError):
+        _blockhash.stamp({}, [1, 2], 3.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _blockhash.depths({"e": [1]}, (1,), (16,), {}, {}, 1.0)  # type: ignore[dict-item]
+    with pytest.raises(ValueError):
+        _blockhash.depths({}, (1, 2), (16,), {}, {}, 1.0)
+    with pytest.raises(TypeError):
+        _blockhash.depths({"e": {1: "old"}}, (1,), (16,), {}, {}, 1.0)  # type: ignore[dict-item]
