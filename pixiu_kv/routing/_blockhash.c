@@ -88,6 +88,18 @@ static int check_start(Py_ssize_t start, Py_ssize_t n) {
     return 0;
 }
 
+/* Stores key_b = hash((key_{b-1}, block_b)) in out[b], given the block's lane accumulator and
+ * length, and moves *hprev (hash(key_{b-1})) on to hash(key_b). */
+static int emit_key(PyObject *out, Py_ssize_t b, Py_hash_t *hprev, Py_uhash_t acc, Py_ssize_t len) {
+    PyObject *k = PyLong_FromSsize_t(pair_hash(*hprev, finish(acc, len)));
+    if (k == NULL) {
+        return -1;
+    }
+    PyList_SET_ITEM(out, b, k);
+    *hprev = PyObject_Hash(k); /* an int's: cannot fail */
+    return 0;
+}
+
 /* Sets out[b] = key_b for each block of seq (a list or tuple); hprev is hash(key_{-1}).
  * Items are read through the sequence's own array (borrowed): hashing an item that is not a
  * small int may run Python code (a __hash__) that resizes a list, so after such a call the
@@ -124,12 +136,9 @@ static int chain_objects(PyObject *seq, Py_ssize_t start, PyObject *ends, PyObje
             }
             acc = lane(acc, (Py_uhash_t)h);
         }
-        PyObject *k = PyLong_FromSsize_t(pair_hash(hprev, finish(acc, end - prev)));
-        if (k == NULL) {
+        if (emit_key(out, b, &hprev, acc, end - prev) < 0) {
             return -1;
         }
-        PyList_SET_ITEM(out, b, k);
-        hprev = PyObject_Hash(k); /* an int's: cannot fail */
         prev = end;
     }
     return 0;
@@ -155,12 +164,9 @@ static int chain_u32(const unsigned char *ids, Py_ssize_t n, Py_ssize_t start, P
             memcpy(&v, ids + 4 * i, 4);
             acc = lane(acc, (Py_uhash_t)v);
         }
-        PyObject *k = PyLong_FromSsize_t(pair_hash(hprev, finish(acc, end - prev)));
-        if (k == NULL) {
+        if (emit_key(out, b, &hprev, acc, end - prev) < 0) {
             return -1;
         }
-        PyList_SET_ITEM(out, b, k);
-        hprev = PyObject_Hash(k);
         prev = end;
     }
     return 0;
