@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["KvOccupancy", "PredictionLag", "PrefillLearner", "PrefillQueue", "queued_seconds"]
+__all__ = ["KvOccupancy", "PredictionLag", "PrefillLearner", "PrefillQueue"]
 
 # The prior stays in the fit as this many pseudo-observations (two points on the prior
 # line), so a slope that the data cannot identify (all prompts the same size) falls back to it.
@@ -233,27 +233,3 @@ class PredictionLag:
         current = self.value(now)
         self.level = current + self._weight * (max(excess, 0.0) - current)
         self._since = max(now, self._since)
-
-
-def queued_seconds(queue: PrefillQueue, lag: PredictionLag, now: float) -> float:
-    """``queue.backlog(now)`` (0 when nothing is pending) plus ``lag.value(now)``, with both
-    inlined: what the router's decision loop computes for every endpoint, where it carries
-    this body inline (a call per endpoint cost ~5% of a decision). This function is the
-    form the tests check against the two methods; keep the router's copy in step."""
-    queued = 0.0
-    if queue.pending:
-        since = queue._since
-        if now > since:
-            if queue._backlog > 0:
-                queue._backlog = max(0.0, queue._backlog - (now - since))
-            queue._since = now
-        queued = queue._backlog
-    level = lag.level
-    if level:
-        since = lag._since
-        if level > 0.0 and now > since:
-            level *= 0.5 ** ((now - since) / lag._half_life)
-            lag.level = level
-            lag._since = now
-        queued += level
-    return queued

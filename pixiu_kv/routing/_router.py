@@ -313,8 +313,8 @@ class Router:
             # Predicted work not yet prefilled, plus how late this engine has lately been
             # against its predictions (closes the loop on what the model does not see).
             lag = state.lag
-            # _cost.queued_seconds(queue, lag, now) inlined, line for line (keep them in step;
-            # the function is the tested form): a call per endpoint cost ~5% of a decision.
+            # queue.backlog(now) (when anything is pending) + lag.value(now), inlined: two calls
+            # per endpoint cost ~5% of a decision (test_routing_router checks it to the last bit).
             queued = 0.0
             if queue.pending:
                 since = queue._since

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from pixiu_kv.routing import PredictionLag, PrefillLearner, PrefillQueue
-from pixiu_kv.routing._cost import KvOccupancy, queued_seconds
+from pixiu_kv.routing._cost import KvOccupancy
 
 
 @pytest.mark.parametrize(("true_per_token", "true_base"), [
@@ -70,30 +70,6 @@ def test_lag_follows_late_first_tokens_and_fades_when_the_engine_catches_up() ->
     assert lag.value(1.2) == pytest.approx(0.2, rel=0.05)  # one half-life without news
     lag.observe(-1.0, now=1.2)  # earlier than predicted: pulls towards zero, never below
     assert 0.0 <= lag.value(1.2) < 0.2
-
-
-def test_queued_seconds_is_the_backlog_plus_the_lag_to_the_last_bit() -> None:
-    """The router's one-call form must give exactly what the two methods give, and leave the
-    queue and the lag in the same state (a decision's ranks compare these values)."""
-    rnd = random.Random(3)
-    pairs = [(PrefillQueue(), PredictionLag()) for _ in range(2)]
-    now = 0.0
-    for _ in range(2000):
-        now += rnd.choice([0.0, 0.0, 0.001, 0.05, 0.7])
-        event, value = rnd.random(), rnd.uniform(-0.2, 0.5)
-        for queue, lag in pairs:
-            if event < 0.2:
-                queue.add(abs(value), now)
-            elif event < 0.3:
-                queue.prefilled(abs(value), now)
-            elif event < 0.4:
-                lag.observe(value, now)
-        (q1, lag1), (q2, lag2) = pairs
-        expected = q2.backlog(now) if q2.pending else 0.0
-        if lag2.level:
-            expected += lag2.value(now)
-        assert queued_seconds(q1, lag1, now) == expected
-        assert (q1.backlog(now), q1.pending, lag1.level) == (q2.backlog(now), q2.pending, lag2.level)
 
 
 def test_kv_occupancy_counts_private_tokens_and_each_shared_prefix_once() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 from collections import Counter
 
@@ -654,3 +655,38 @@ def test_compress_when_full_is_off_by_default() -> None:
         router.decide([e0], _prompt(10 + i, 1500), None, None, now=1.0)
     d = router.decide([e0], prefix + _prompt(2, 100), {"e0": 1000}, None, now=2.0)
     assert d.matched_tokens == 1000 and d.compress_tokens == 0
+
+
+def test_the_decision_reads_queue_and_lag_as_their_methods_do_to_the_last_bit() -> None:
+    """The decision loop reads each endpoint's queued prefill and lag inline (a call per
+    endpoint cost ~5% of a decision): its prediction must hold exactly what
+    PrefillQueue.backlog and PredictionLag.value give, and leave both as the methods would."""
+    rnd = random.Random(3)
+    router = Router(RoutingConfig(hot_spread=False, session_affinity=False, prefix_index=False))
+    fleet = [EndpointView("e0", max_in_flight=100_000)]
+    running = router.config.running_request_cost
+    now = 0.0
+    open_decisions: list[Decision] = []
+    for _ in range(1500):
+        now += rnd.choice([0.0, 0.0, 0.001, 0.05, 0.7])
+        event = rnd.random()
+        if event < 0.3 and open_decisions:
+            router.on_first_byte(rnd.choice(open_decisions), rnd.uniform(0.0, 0.6))
+        elif event < 0.45 and open_decisions:
+            router.on_complete(open_decisions.pop(rnd.randrange(len(open_decisions))), None, None, now)
+        state = router._states.get("e0")
+        if state is None:
+            open_decisions.append(router.decide(fleet, None, None, None, now))
+            continue
+        queue, lag, learner = copy.copy(state.queue), copy.copy(state.lag), copy.copy(state.learner)
+        queued = queue.backlog(now) if queue.pending else 0.0
+        if lag.level:
+            queued += lag.value(now)
+        load = max(0, queue.outstanding)
+        d = router.decide(fleet, None, None, None, now)
+        open_decisions.append(d)
+        assert d.predicted_ttft == queued + running * load + learner.base + learner.per_token * 0 + 0.0
+        queue.add(learner.predict(0), now)  # what the decision reserves
+        assert (state.queue._backlog, state.queue._since, state.queue.pending, state.queue.outstanding) == (
+            queue._backlog, queue._since, queue.pending, queue.outstanding)
+        assert (state.lag.level, state.lag._since) == (lag.level, lag._since)
