@@ -11,7 +11,7 @@ import trio
 from kv_fakes import FakeUpstream, kv_config, wait_until
 from test_kv_gateway import LONG, MODEL, complete, settle, stack
 
-from pixiu_kv.filters.kvcache import KvCacheFilter
+from pixiu_kv.filters.kvcache import KvCacheFilter, TokenSeq
 from pixiu_kv.filters.kvcache.core import open_kvcache
 from pixiu_kv.routing import PrefixKeys, Router, RoutingConfig
 
@@ -35,9 +35,14 @@ LOCAL = ROUTING + '[[http_filters.config.routing.tokenizers]]\nmodel = "sim-llam
 
 
 @pytest.mark.parametrize("local_tokenizer", [False, True])
-async def test_first_seen_prompt_lands_where_its_system_prompt_is_cached(local_tokenizer: bool) -> None:
+async def test_first_seen_prompt_lands_where_its_system_prompt_is_cached(
+        local_tokenizer: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # Without a local tokenizer the engine's /tokenize gives the ids; with one (the engine's
-    # own), its ids are looked up at once, without a round trip.
+    # own), its ids are looked up at once, without a round trip. Either way the ids are keyed
+    # where they were tokenized: the token cache's JSON is never decoded again to route.
+    decoded: list[int] = []
+    ids = TokenSeq.ids
+    monkeypatch.setattr(TokenSeq, "ids", lambda self: decoded.append(self.count) or ids(self))
     async with stack(LOCAL if local_tokenizer else ROUTING) as (fleet, _gw, kv_filter, http):
         assert fleet.controller is not None
         index = fleet.controller.index
@@ -58,6 +63,7 @@ async def test_first_seen_prompt_lands_where_its_system_prompt_is_cached(local_t
             await settle(kv_filter, n)
         stats = kv_filter.kv.stats
         assert stats.tokenize_calls == (0 if local_tokenizer else 2) and stats.lookups["routed"] == 2
+        assert decoded == []
 
 
 async def test_next_turn_of_a_chat_lands_where_the_previous_turn_is_cached() -> None:
