@@ -127,7 +127,7 @@ class _Bench:
             hash(tuple(self.prompts[k % len(self.prompts)]))
 
 
-def _per_call(bench: _Bench, fn: Callable[[int], None], iterations: int, start: int = 0) -> float:
+def _cpu_seconds(bench: _Bench, fn: Callable[[int], None], iterations: int, start: int = 0) -> float:
     """CPU seconds of ``iterations`` calls; reservations are released between batches, unmeasured."""
     spent = 0.0
     done = 0
@@ -176,7 +176,7 @@ def measure(iterations: int, endpoints: int, tokens: int, repeats: int,
         while done < iterations:
             calls = min(_ROUND, iterations - done)
             for name, fn in parts:
-                spent[name] += _per_call(bench, fn, calls, done)
+                spent[name] += _cpu_seconds(bench, fn, calls, done)
             done += calls
         gc.unfreeze()
         for name, total in spent.items():

@@ -14,9 +14,9 @@ above, a block it still had bounds it from below (see :meth:`PrefixIndex.observe
 Unknown capacity = unbounded.
 
 The stamp is also the entry's recency, so no separate LRU order is kept: ``record`` is one
-read and one write per block, both looped in C (``map`` and ``dict.update``), and the bound on
-entries is kept by compaction (the endpoint holding the most entries loses its stalest
-half; see :meth:`PrefixIndex._compact`).
+read and one write per block, looped in C (the extension's ``stamp``, else ``map`` and
+``dict.update``), and the bound on entries is kept by compaction (the endpoint holding the
+most entries loses at least its stalest half; see :meth:`PrefixIndex._compact`).
 
 Invariant: each endpoint's set of held blocks is *prefix-closed* (holding a block implies
 holding every block before it). ``record`` stamps a whole prompt alike, so a prefix's stamp
