@@ -42,6 +42,9 @@ async def main(argv: list[str]) -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--pin-after", type=int, default=0,
                         help="pin a prompt's cache once it was seen this many times (0: never)")
+    parser.add_argument("--lookup-timeout", type=float, default=0.05,
+                        help="seconds the routing lookup may take before the request goes on "
+                             "without it (lookup_routing_timeout)")
     args = parser.parse_args(argv)
 
     config = KvCacheConfig(
@@ -53,6 +56,7 @@ async def main(argv: list[str]) -> int:
         cache_strategy=CacheStrategyConfig(enable_pinning=args.pin_after > 0,
                                            hot_content_threshold=args.pin_after),
         hot_max_records=max(300, args.pin_after),
+        lookup_routing_timeout=args.lookup_timeout,
     )
     async with open_kvcache(config) as kv:
         for _ in range(args.repeat):

@@ -19,7 +19,11 @@ async def test_embedded_in_a_plain_trio_program(upstream: tuple[FakeUpstream, st
 
     result = await trio.run_process(
         [sys.executable, str(EXAMPLE), "--vllm", url, "--lmcache", url, "--prompt", "shared prefix",
-         "--repeat", "3", "--pin-after", "2"],
+         "--repeat", "3", "--pin-after", "2",
+         # The routing budget (50 ms by default) is a deadline: on a loaded test machine a
+         # fresh process's first lookup can take longer, and the request would rightly go on
+         # without it. This test is about what the lookup answers, not how fast.
+         "--lookup-timeout", "5"],
         capture_stdout=True, capture_stderr=True, check=False)
     assert result.returncode == 0, result.stderr.decode()
     lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
