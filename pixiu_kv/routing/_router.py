@@ -448,6 +448,7 @@ class Router:
                          for i, row in enumerate(rows)]
 
         reason: Reason
+        new_prefix = False  # the new-prefix placement overruled the cost
         order = sorted(ranks)
         best = order[0]
         if replicas and rows[best[3]][_VIEW].id in replicas:
@@ -462,10 +463,28 @@ class Router:
             spread = [((r[1], int(rows[r[3]][_STATE].recent_count(now, window)), r[2]), r)
                       for r in (ranks[row_of[e]] for e in replicas) if r[0] <= limit]
             best = min(spread)[1]
+        elif (cfg.new_prefix_spread and cost_model and len(order) > 1
+              and 2 * best_eligible_real < prompt_tokens):
+            # Most of the prompt is new to every eligible endpoint: this request places a new
+            # prefix, and the requests that reuse it will follow it there. Among the endpoints
+            # about as fast as the cheapest (within the fixed cost plus what the deepest match
+            # saves) and no more loaded, the one that got the fewest requests lately (per unit
+            # of weight) takes it, so new prefixes and their traffic spread evenly instead of
+            # gathering where a short common prefix (a system prompt) is cached.
+            learner = rows[best[3]][_STATE].learner
+            band = learner.base + (learner.per_token * (1.0 + duplicate) - per_cached) * best_eligible_real
+            limit = best[0] + band / _COST_RESOLUTION
+            tied = [r for r in order if r[0] <= limit and r[1] <= best[1]]
+            if len(tied) > 1:
+                placed = min(tied, key=lambda r: (rows[r[3]][_STATE].recent_count(now, window)
+                                                  / rows[r[3]][_VIEW].weight, r[2]))
+                new_prefix = placed is not best
+                best = placed
         winner = rows[best[3]]
         affinity_kept = False  # bounded-load affinity overruled the cost
         bound = cfg.affinity_load_factor
-        if bound and best_eligible_real and not replicas and winner[_REAL] < best_eligible_real:
+        if (bound and best_eligible_real and not replicas and not new_prefix
+                and winner[_REAL] < best_eligible_real):
             # Bounded-load affinity: the cheapest endpoint holding the deepest match keeps the
             # request while its in-flight count is within ``bound`` x the mean (+1). The
             # predicted TTFT sees a copy's prefill, not what the copy then holds: on a
@@ -492,6 +511,8 @@ class Router:
                 reason = "load"
         elif replicas and winner[_REAL] < hot_tokens and winner[_VIEW].id in replicas:
             reason = "hot-spread"
+        elif new_prefix:
+            reason = "new-prefix"
         elif affinity_kept:
             reason = "affinity"
         elif winner[_REAL] > 0 and winner[_REAL] >= best_eligible_real:

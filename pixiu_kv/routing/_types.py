@@ -10,7 +10,7 @@ from ..context import RouteHint
 
 __all__ = ["CostLine", "Decision", "EndpointView", "Reason"]
 
-Reason = Literal["cache", "affinity", "load", "session", "hot-spread", "no-endpoint"]
+Reason = Literal["cache", "affinity", "load", "new-prefix", "session", "hot-spread", "no-endpoint"]
 """Which term decided: the cache match, bounded-load affinity (the holder kept a request
 another endpoint looked faster for), the load (queue, in-flight), the session's hash, the
 spreading of a hot prefix over replicas, or nothing was eligible."""

@@ -83,6 +83,12 @@ class RoutingConfig:
       while its in-flight count is within this factor of the eligible endpoints' mean (+1),
       whatever the cost says (a copy's cost is more than its prefill when KV capacity binds:
       its blocks stay allocated through the decode); 0 leaves it to the cost.
+    * ``new_prefix_spread``: a request whose prompt is mostly new to every eligible endpoint
+      (the deepest match is under half of it) places a new prefix: among the endpoints about
+      as fast as the cheapest (within the fixed cost plus what the match saves) and no more
+      loaded, the one that got the fewest requests lately takes it, so new prefixes and the
+      traffic that follows them spread evenly instead of gathering where a short common
+      prefix (a system prompt) is cached.
     * ``overload_*``: an endpoint at ``overload_in_flight_ratio`` of its ``max_in_flight`` or
       with more than ``overload_queue_time`` of predicted queued prefill beyond the least
       queued eligible endpoint and more than the mean load per unit of weight gets no cache
@@ -125,7 +131,10 @@ class RoutingConfig:
     # Bounded-load affinity: the endpoint holding the deepest match keeps the request while
     # its in-flight count is at most this x the mean of the eligible endpoints (+1), even
     # when another looks faster by the cost alone. 0: the cost alone decides.
-    affinity_load_factor: float = attrs.field(default=1.25, validator=_load_bound)
+    affinity_load_factor: float = attrs.field(default=1.5, validator=_load_bound)
+    # A mostly new prompt goes to the endpoint, of those about as fast as the cheapest, that
+    # got the fewest requests lately (see the class docstring).
+    new_prefix_spread: bool = True
 
     overload_in_flight_ratio: float = attrs.field(default=0.85, validator=_ratio)
     overload_queue_time: float = attrs.field(default=5.0, validator=_positive, metadata=_DURATION)
@@ -190,6 +199,7 @@ def read_routing_config(t: Table) -> RoutingConfig:
         learning_rate=t.number("learning_rate", d.learning_rate),
         duplicate_cost_factor=t.number("duplicate_cost_factor", d.duplicate_cost_factor, minimum=0),
         affinity_load_factor=t.number("affinity_load_factor", d.affinity_load_factor, minimum=0),
+        new_prefix_spread=t.flag("new_prefix_spread", d.new_prefix_spread),
         overload_in_flight_ratio=t.number("overload_in_flight_ratio", d.overload_in_flight_ratio),
         overload_queue_time=t.duration("overload_queue_time", d.overload_queue_time, positive=True),
         hot_spread=t.flag("hot_spread", d.hot_spread),

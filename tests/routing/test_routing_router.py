@@ -149,7 +149,7 @@ def test_bounded_load_affinity_keeps_a_prefix_on_its_holder(case: str, holder_lo
 def test_bounded_load_affinity_allows_a_heavier_endpoint_more_load() -> None:
     # Weight 2 = twice the hardware: its bound is twice the mean load per unit of weight.
     for weight, load, expect_holder in [(1, 14, False), (2, 14, True)]:
-        router, prefix = _holding(8000, duplicate_cost_factor=0.0)
+        router, prefix = _holding(8000, duplicate_cost_factor=0.0, affinity_load_factor=1.25)
         holder = EndpointView("e0", in_flight=load, max_in_flight=64, weight=weight)
         others = [EndpointView(f"e{i}", in_flight=8, max_in_flight=64) for i in (1, 2, 3)]
         for i in range(6):  # queued prefill on the holder: by cost alone, another is faster
@@ -220,6 +220,58 @@ def test_a_burst_goes_to_the_cache_holder_while_it_is_cheap_then_spills() -> Non
     spilled = burst[13:]
     assert {d.endpoint_id for d in spilled} - {holder}
     assert spilled[0].matched_tokens == 0
+
+
+# -- new prefixes ----------------------------------------------------------------------
+
+def _spreading(spread: bool = True) -> Router:
+    return Router(RoutingConfig(hot_spread=False, session_affinity=False, new_prefix_spread=spread))
+
+
+@pytest.mark.parametrize("spread", [True, False])
+def test_new_prompts_spread_over_the_endpoints_that_got_fewest_requests(spread: bool) -> None:
+    router = _spreading(spread)
+    fleet = _fleet()
+    counts: Counter[str] = Counter()
+    for i in range(12):  # distinct prompts, each served before the next arrives
+        d = router.decide(fleet, _prompt(300 + i, 3000), None, None, now=float(i))
+        assert d.endpoint_id is not None
+        counts[d.endpoint_id] += 1
+        _serve(router, d)
+    if spread:
+        assert counts == {"e0": 3, "e1": 3, "e2": 3, "e3": 3}
+    else:
+        assert router.stats().decisions.get("new-prefix", 0) == 0
+
+
+@pytest.mark.parametrize(
+        ("case", "shared", "new", "e1_in_flight", "e2_queue", "spread", "expect", "reason"), [
+    # e0 holds a 256-token system prompt and served a request lately; the new prompt is the
+    # system prompt and 3000 new tokens: e0 is cheapest by the prefill it saves.
+    ("a mostly new prompt goes where fewest requests went lately", 256, 3000, 0, 0, True,
+     {"e1", "e2", "e3"}, "new-prefix"),
+    ("off: the short prefix's holder takes it", 256, 3000, 0, 0, False, {"e0"}, "cache"),
+    ("a prompt mostly held follows its holder", 2048, 1000, 0, 0, True, {"e0"}, "cache"),
+    ("never to a more loaded endpoint", 256, 3000, 1, 0, True, {"e2", "e3"}, "new-prefix"),
+    ("never to one slower by more than the match saves", 256, 3000, 1, 2, True, {"e3"}, "new-prefix"),
+])
+def test_a_new_prefix_is_placed_by_recent_requests_within_the_cost_band(
+        case: str, shared: int, new: int, e1_in_flight: int, e2_queue: int, spread: bool,
+        expect: set[str], reason: str) -> None:
+    router = _spreading(spread)
+    system = _prompt(1, shared)
+    # e0 served one request with the system prompt (it holds it and got a request lately).
+    d = router.decide([EndpointView("e0")], system + _prompt(2, 64), None, None, now=0.0)
+    _serve(router, d)
+    # Queued prefill on e2: ``e2_queue`` requests of 1 s each (8000 tokens at the prior).
+    for i in range(e2_queue):
+        router.decide([EndpointView("e2")], _prompt(400 + i, 8000), None, None, now=0.5)
+    fleet = [EndpointView("e0"), EndpointView("e1", in_flight=e1_in_flight), EndpointView("e2"),
+             EndpointView("e3")]
+    d = router.decide(fleet, system + _prompt(3, new), None, None, now=1.0)
+    assert d.endpoint_id in expect and d.reason == reason, case
+    # The holder is the cheapest by the cost alone: the explanation shows what was passed over.
+    assert d.costs[0].endpoint_id == "e0", case
 
 
 # -- hot prefixes ---------------------------------------------------------------------
