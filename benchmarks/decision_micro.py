@@ -9,7 +9,9 @@ length, each with its own question, so the index holds real matches (several end
 hold each group's prefix) as in a shared-prefix workload. Token ids are hashed afresh
 on every ``decide(token ids)`` (the router keeps no keys between decisions). A chat's next
 turn is measured as ``Router.extend_keys`` of the previous turn's keys (the prompt's
-first ``--tokens - 256`` tokens) by 256 new tokens, then the decision. Reported: the
+first ``--tokens - 256`` tokens) by 256 new tokens, then the decision. A new prompt
+(first sight: nothing of it indexed anywhere, so new-prefix placement runs) is measured
+from raw ids too; releasing its reservation drops its blocks again, so it stays new. Reported: the
 median of ``--repeats`` runs, per decision, for each part of the pipeline, and the median
 of its ratio to hashing the prompt's ids once in the same run; within a run the parts
 take turns every 256 calls, so the ratios hold while a shared machine's speed moves. The
@@ -57,6 +59,8 @@ class _Bench:
         self.fleet = [EndpointView(f"engine-{i:02d}", in_flight=i % 5, max_in_flight=256)
                       for i in range(endpoints)]
         self.prompts = _pool(tokens, groups=8, per_group=16)
+        # Prompts sharing nothing with the pool or each other (groups of one).
+        self.new_prompts = _pool(tokens, groups=128, per_group=1, seed=8)
         self.router = Router(RoutingConfig(engine_kv_tokens=kv_tokens))
         _warm(self.router, self.fleet, self.prompts)
         self.keys = [self.router.prefix_keys(p) for p in self.prompts]
@@ -87,6 +91,9 @@ class _Bench:
 
     def decide_tokens(self, start: int) -> None:
         self._decide(start, self.prompts, False)
+
+    def decide_new_tokens(self, start: int) -> None:
+        self._decide(start, self.new_prompts, False)
 
     def decide_tokens_lookup(self, start: int) -> None:
         self._decide(start, self.prompts, True)
@@ -163,6 +170,7 @@ def measure(iterations: int, endpoints: int, tokens: int, repeats: int,
         parts = (
             ("decide(token ids)", bench.decide_tokens),
             ("decide(token ids) + LMCache lookup", bench.decide_tokens_lookup),
+            ("decide(new prompt: token ids)", bench.decide_new_tokens),
             ("decide(cached PrefixKeys)", bench.decide_keys),
             ("decide(next turn: extend_keys)", bench.decide_next_turn),
             ("  part: block keys", bench.block_keys),
