@@ -131,7 +131,7 @@ class RoutingConfig:
     # Bounded-load affinity: the endpoint holding the deepest match keeps the request while
     # its in-flight count is at most this x the mean of the eligible endpoints (+1), even
     # when another looks faster by the cost alone. 0: the cost alone decides.
-    affinity_load_factor: float = attrs.field(default=1.5, validator=_load_bound)
+    affinity_load_factor: float = attrs.field(default=1.25, validator=_load_bound)
     # A mostly new prompt goes to the endpoint, of those about as fast as the cheapest, that
     # got the fewest requests lately (see the class docstring).
     new_prefix_spread: bool = True
