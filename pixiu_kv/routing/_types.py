@@ -12,8 +12,9 @@ __all__ = ["CostLine", "Decision", "EndpointView", "Reason"]
 
 Reason = Literal["cache", "affinity", "load", "new-prefix", "session", "hot-spread", "no-endpoint"]
 """Which term decided: the cache match, bounded-load affinity (the holder kept a request
-another endpoint looked faster for), the load (queue, in-flight), the session's hash, the
-spreading of a hot prefix over replicas, or nothing was eligible."""
+another endpoint looked faster for), the load (queue, in-flight), new-prefix placement (a
+mostly new prompt went to an endpoint that got fewer requests lately than the cheapest), the
+session's hash, the spreading of a hot prefix over replicas, or nothing was eligible."""
 
 
 def _non_negative_int(_: object, attribute: attrs.Attribute[int], value: int) -> None:

@@ -25,7 +25,7 @@ def test_every_switch_and_value_is_read() -> None:
         "engine_cache_tokens": 100_000, "cost_model": False, "prefill_tokens_per_second": 12000,
         "cached_tokens_per_second": 1e6, "base_latency": "15ms", "running_request_cost": "1ms",
         "learning_rate": 0.1, "overload_in_flight_ratio": 0.9, "overload_queue_time": "3s",
-        "affinity_load_factor": 1.5,
+        "affinity_load_factor": 1.5, "new_prefix_spread": False,
         "hot_spread": False, "hot_threshold": 0.5, "hot_window": "1m", "hot_min_requests": 4,
         "hot_min_tokens": 512, "max_hot_prefixes": 8, "session_affinity": False,
         "session_header": "X-Conversation", "session_load_factor": 1.5, "max_pending": 100,
@@ -34,7 +34,7 @@ def test_every_switch_and_value_is_read() -> None:
     })
     assert cfg.enabled
     assert (cfg.prefix_index, cfg.cost_model, cfg.hot_spread, cfg.session_affinity,
-            cfg.tokenize_on_route) == (False,) * 5
+            cfg.tokenize_on_route, cfg.new_prefix_spread) == (False,) * 6
     assert cfg.engine_cache_tokens == 100_000
     assert cfg.affinity_load_factor == 1.5
     assert (cfg.base_latency, cfg.overload_queue_time, cfg.hot_window) == (0.015, 3, 60)
@@ -52,6 +52,7 @@ def test_every_switch_and_value_is_read() -> None:
     ({"affinity_load_factor": 0.5}, "affinity_load_factor", "0 (off) or >= 1"),
     ({"affinity_load_factor": -1}, "affinity_load_factor", "at least 0"),
     ({"hot_window": "-1s"}, "hot_window", "negative"),
+    ({"new_prefix_spread": "yes"}, "new_prefix_spread", "true or false"),
     ({"cost_modle": True}, "cost_modle", "unknown key"),
     ({"tokenizers": [{"model": "m", "path": "a"}, {"model": "m", "path": "b"}]}, "tokenizers", "twice"),
     ({"tokenizers": [{"model": "m"}]}, "tokenizers[0].path", "required"),
